@@ -1,0 +1,59 @@
+"""bigsmall_torch: feed PyTorch from gigapixel whole-slide images.
+
+Load a big chunk of a slide into RAM once, collect many small chunks (patches) from it, and keep a
+reservoir of big chunks from different patients per DataLoader worker while the next ones load in the
+background.
+"""
+
+from __future__ import annotations
+
+from ._version import __version__
+from .chunks import BigChunk, BigChunkLoader, ChunkContext, SmallChunk, SmallChunkCollector
+from .collectors import RandomCropCollector
+from .data import Dataset, Patient, Record
+from .dataset import BigSmallDataset
+from .errors import (
+    BigSmallError,
+    ConfigError,
+    DatasetError,
+    ExtractorError,
+    MissingDependencyError,
+    SlideError,
+    SlideOpenError,
+    SlideReadError,
+    StreamError,
+)
+from .loaders import RandomRegionLoader
+from .reservoir import OnError
+from .slide import Backend, SlideCache, SlideInfo, SlideReader, open_slide, slide_info
+
+__all__ = [
+    "Backend",
+    "BigChunk",
+    "BigChunkLoader",
+    "BigSmallDataset",
+    "BigSmallError",
+    "ChunkContext",
+    "ConfigError",
+    "Dataset",
+    "DatasetError",
+    "ExtractorError",
+    "MissingDependencyError",
+    "OnError",
+    "Patient",
+    "RandomCropCollector",
+    "RandomRegionLoader",
+    "Record",
+    "SlideCache",
+    "SlideError",
+    "SlideInfo",
+    "SlideOpenError",
+    "SlideReadError",
+    "SlideReader",
+    "SmallChunk",
+    "SmallChunkCollector",
+    "StreamError",
+    "__version__",
+    "open_slide",
+    "slide_info",
+]

@@ -1,0 +1,24 @@
+"""Small argument checks shared by the public constructors (raise, never assert)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ConfigError
+
+
+def positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``, or a :class:`ConfigError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int,)) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def size_pair(name: str, value: Any) -> tuple[int, int]:
+    """An int or a ``(width, height)`` pair of positive ints, as ``(width, height)``."""
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return positive_int(f"{name}[0] (width)", value[0]), positive_int(f"{name}[1] (height)", value[1])
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = positive_int(name, value)
+        return n, n
+    raise ConfigError(f"{name} must be a positive int or a (width, height) pair, got {value!r}")

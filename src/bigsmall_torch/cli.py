@@ -1,0 +1,116 @@
+"""The ``bigsmall-torch`` command line: ``demo`` (synthesise slides and stream patches from them)."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$BIGSMALL_CACHE``, else ``$XDG_CACHE_HOME/bigsmall_torch``, else ``~/.cache/bigsmall_torch``."""
+    if "BIGSMALL_CACHE" in os.environ:
+        return Path(os.environ["BIGSMALL_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "bigsmall_torch"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Synthesise slides (cached), stream batches, print patches/s and the patient mix per batch."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    import bigsmall_torch as bst
+    from bigsmall_torch.synthetic import synthesize_slides
+
+    folder = Path(args.cache_dir) / "demo-slides"
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    infos = synthesize_slides(folder, n=args.slides, width=args.slide_size, height=args.slide_size, tissue="full")
+    print(f"{len(infos)} synthetic slides of {args.slide_size}x{args.slide_size} in {folder} "
+          f"({time.perf_counter() - started:.1f} s)")
+
+    samples = args.batches * args.batch_size
+    ds = bst.BigSmallDataset(
+        bst.Dataset.from_folder(folder, pattern="*.tiff"),
+        bst.RandomRegionLoader(size=args.chunk_size, level=0),
+        bst.RandomCropCollector(size=args.patch_size),
+        buffer_size=args.buffer_size,
+        smallchunks_per_bigchunk=args.smallchunks_per_bigchunk,
+        samples_per_epoch=samples,
+        seed=args.seed,
+    )
+    loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, pin_memory=torch.cuda.is_available())
+    mix: list[int] = []
+    patients: collections.Counter[str] = collections.Counter()
+    started = time.perf_counter()
+    first_batch = None
+    count = 0
+    for batch in tqdm(loader, desc="batches", unit="batch", disable=args.no_progress):
+        if first_batch is None:
+            first_batch = time.perf_counter() - started
+        ids = [str(i) for i in batch["patient_id"]]
+        mix.append(len(set(ids)))
+        patients.update(ids)
+        count += len(ids)
+    elapsed = time.perf_counter() - started
+    print(f"{count} patches of {args.patch_size}x{args.patch_size} in {elapsed:.2f} s: "
+          f"{count / elapsed:,.0f} patches/s (first batch after {first_batch or 0:.2f} s)")
+    print(f"distinct patients per batch: min {min(mix)}, mean {sum(mix) / len(mix):.2f}, max {max(mix)}")
+    print("patches per patient: " + ", ".join(f"{k}={v}" for k, v in sorted(patients.items())))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bigsmall-torch", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="synthesise slides and stream patches from them")
+    demo.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="where slides are cached")
+    demo.add_argument("--slides", type=_positive, default=4, help="number of synthetic slides")
+    demo.add_argument("--slide-size", type=_positive, default=8192, help="slide width and height (px)")
+    demo.add_argument("--chunk-size", type=_positive, default=2048, help="big chunk size (px)")
+    demo.add_argument("--patch-size", type=_positive, default=224, help="small chunk size (px)")
+    demo.add_argument("--buffer-size", type=_positive, default=4, help="resident big chunks per worker")
+    demo.add_argument("--smallchunks-per-bigchunk", type=_positive, default=256)
+    demo.add_argument("--batch-size", type=_positive, default=64)
+    demo.add_argument("--batches", type=_positive, default=200, help="batches to stream")
+    demo.add_argument("--workers", type=_non_negative, default=2, help="DataLoader workers")
+    demo.add_argument("--seed", type=_non_negative, default=0)
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(run=run_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

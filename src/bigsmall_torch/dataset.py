@@ -1,0 +1,235 @@
+"""``BigSmallDataset``: the reservoir engine as a sharded ``torch.utils.data.IterableDataset``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset
+
+from ._sharding import (
+    Topology,
+    assign_shards,
+    current_topology,
+    distributed_rank_and_world,
+    split_evenly,
+)
+from ._types import Sample
+from ._validate import positive_int
+from .chunks import BigChunkLoader, SmallChunk, SmallChunkCollector
+from .data import Dataset
+from .errors import ConfigError
+from .reservoir import OnError, Reservoir
+from .slide import Backend, SlideCache
+
+__all__ = ["BigSmallDataset", "to_sample"]
+
+logger = logging.getLogger(__name__)
+
+
+def to_sample(small: SmallChunk) -> Sample:
+    """The sample dict of a small chunk: ``image`` as a CHW uint8 tensor (a view, no copy), the
+    patient id, its label when set, and every entry of the small chunk's ``info``."""
+    data = small.data
+    image = torch.from_numpy(data)
+    if image.ndim == 3:
+        image = image.permute(2, 0, 1)
+    sample: dict[str, Any] = {"image": image, "patient_id": small.patient.id}
+    if small.patient.label is not None:
+        sample["label"] = small.patient.label
+    sample.update(small.info)
+    return sample  # type: ignore[return-value]
+
+
+class BigSmallDataset(IterableDataset[Sample]):
+    """Patches streamed from big chunks held in RAM, sharded over DataLoader workers and ranks.
+
+    Args:
+        dataset: the patients to stream from.
+        loader: loads big chunks (e.g. :class:`~bigsmall_torch.RandomRegionLoader`).
+        collector: collects small chunks from them (e.g. :class:`~bigsmall_torch.RandomCropCollector`).
+        buffer_size: big chunks resident per worker; samples are drawn from a random resident chunk.
+        smallchunks_per_bigchunk: a big chunk retires after this many samples (or when the collector
+            returns None).
+        samples_per_epoch: total samples of one epoch across all workers and ranks (each rank gets
+            ``samples_per_epoch / world_size``; it must divide evenly). None streams endlessly.
+        transform: applied in the worker to each sample's ``image`` (a CHW uint8 tensor).
+        seed: every random draw derives from (seed, epoch, rank, worker).
+        prefetch: big chunks each worker loads ahead in its background thread.
+        on_error: ``"raise"`` (default) or ``"skip"``: what to do when a slide fails to read while
+            streaming. Skipped slides are logged (warning) and counted per worker.
+        backend: slide reading backend (``"auto"``, ``"openslide"``, ``"tiffslide"``).
+        max_open_slides: per-worker LRU size of open slide handles.
+        validate: check every patient with ``loader.validate`` at construction (opens each slide's
+            header once in this process).
+        rank, world_size: the distributed position; by default read from torch.distributed when it is
+            initialised (at construction, :meth:`set_epoch` and ``len()``), else 0 and 1.
+
+    Each epoch every patient belongs to exactly one (rank, worker) shard, dealt from a permutation of
+    (seed, epoch). With fewer patients than shards, a patient is shared by several shards, each owning
+    a disjoint band of the slide (see :func:`~bigsmall_torch.loaders.part_bounds`).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        loader: BigChunkLoader,
+        collector: SmallChunkCollector,
+        *,
+        buffer_size: int,
+        smallchunks_per_bigchunk: int,
+        samples_per_epoch: int | None = None,
+        transform: Callable[[torch.Tensor], Any] | None = None,
+        seed: int = 0,
+        prefetch: int = 2,
+        on_error: str | OnError = "raise",
+        backend: str | Backend = "auto",
+        max_open_slides: int = 16,
+        validate: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dataset, Dataset):
+            raise ConfigError(f"dataset must be a bigsmall_torch.Dataset, got {type(dataset).__name__}")
+        if len(dataset) == 0:
+            raise ConfigError(f"dataset {dataset.name!r} has no patients")
+        if not isinstance(loader, BigChunkLoader):
+            raise ConfigError(f"loader must be a BigChunkLoader, got {type(loader).__name__}")
+        if not isinstance(collector, SmallChunkCollector):
+            raise ConfigError(f"collector must be a SmallChunkCollector, got {type(collector).__name__}")
+        self.dataset = dataset
+        self.loader = loader
+        self.collector = collector
+        self.buffer_size = positive_int("buffer_size", buffer_size)
+        self.smallchunks_per_bigchunk = positive_int("smallchunks_per_bigchunk", smallchunks_per_bigchunk)
+        self.samples_per_epoch = (
+            None if samples_per_epoch is None else positive_int("samples_per_epoch", samples_per_epoch)
+        )
+        self.prefetch = positive_int("prefetch", prefetch)
+        if transform is not None and not callable(transform):
+            raise ConfigError(f"transform must be callable or None, got {transform!r}")
+        self.transform = transform
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed must be an int >= 0, got {seed!r}")
+        self.seed = seed
+        try:
+            self.on_error = OnError(on_error)
+        except ValueError:
+            raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}") from None
+        self.slides = SlideCache(positive_int("max_open_slides", max_open_slides), backend=backend)
+        self._explicit_topology = (rank, world_size)
+        self.rank, self.world_size = distributed_rank_and_world(rank, world_size)
+        self._check_sizes()
+        if validate:
+            self._validate_patients()
+        self._check_epoch_split()
+        # Shared memory, so set_epoch reaches workers that are already running (persistent workers).
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._states: dict[Any, dict[str, Any]] = {}
+
+    def _check_sizes(self) -> None:
+        chunk, patch = self.loader.chunk_size, self.collector.patch_size
+        if chunk is not None and patch is not None and (patch[0] > chunk[0] or patch[1] > chunk[1]):
+            raise ConfigError(
+                f"the collector's patch size {patch[0]}x{patch[1]} is larger than the loader's big "
+                f"chunks ({chunk[0]}x{chunk[1]})"
+            )
+
+    def _validate_patients(self) -> None:
+        slides = SlideCache(4, backend=self.slides.backend)
+        try:
+            for patient in self.dataset.patients:
+                self.loader.validate(patient, slides)
+        finally:
+            slides.close()
+
+    def _refresh_topology(self) -> None:
+        """Re-read rank/world size (main process only: workers keep what they were given)."""
+        if torch.utils.data.get_worker_info() is None:
+            self.rank, self.world_size = distributed_rank_and_world(*self._explicit_topology)
+
+    def _check_epoch_split(self) -> None:
+        if self.samples_per_epoch is not None and self.samples_per_epoch % self.world_size:
+            raise ConfigError(
+                f"samples_per_epoch={self.samples_per_epoch} must be divisible by the world size "
+                f"{self.world_size}, so that every rank gets the same number of samples"
+            )
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: reshuffles the shard assignment and every random stream. Reaches
+        persistent workers (the epoch lives in shared memory)."""
+        self._epoch[0] = positive_int("epoch", epoch, minimum=0)
+        self._refresh_topology()
+
+    def __len__(self) -> int:
+        """Samples this rank yields per epoch; a TypeError for an endless stream."""
+        if self.samples_per_epoch is None:
+            raise TypeError("BigSmallDataset without samples_per_epoch is endless and has no len()")
+        self._refresh_topology()
+        self._check_epoch_split()
+        return self.samples_per_epoch // self.world_size
+
+    def topology(self) -> Topology:
+        """The (rank, world size, worker, num_workers) of the calling process."""
+        return current_topology(self.rank, self.world_size)
+
+    def shard_quota(self, topo: Topology) -> int | None:
+        """Samples the shard ``topo`` yields this epoch (None: endless)."""
+        if self.samples_per_epoch is None:
+            return None
+        per_rank = self.samples_per_epoch // topo.world_size
+        return split_evenly(per_rank, topo.num_workers, topo.worker)
+
+    def make_reservoir(self, topo: Topology) -> Reservoir:
+        """The reservoir of shard ``topo`` for the current epoch."""
+        epoch = self.epoch
+        shards = assign_shards(len(self.dataset), topo.num_shards, seed=self.seed, epoch=epoch)
+        owned = [(self.dataset.patients[i], (part, parts)) for i, part, parts in shards[topo.shard]]
+        return Reservoir(
+            owned,
+            self.loader,
+            self.collector,
+            buffer_size=self.buffer_size,
+            smallchunks_per_bigchunk=self.smallchunks_per_bigchunk,
+            prefetch=self.prefetch,
+            seeds=(self.seed, epoch, topo.rank, topo.worker),
+            states=self._states,
+            slides=self.slides,
+            on_error=self.on_error,
+        )
+
+    def __iter__(self) -> Iterator[Sample]:
+        self._refresh_topology()
+        self._check_epoch_split()
+        topo = self.topology()
+        quota = self.shard_quota(topo)
+        if quota == 0:
+            return
+        reservoir = self.make_reservoir(topo)
+        stream = reservoir.stream()
+        try:
+            for count, small in enumerate(stream, start=1):
+                sample = to_sample(small)
+                if self.transform is not None:
+                    sample["image"] = self.transform(sample["image"])
+                yield sample
+                if quota is not None and count >= quota:
+                    return
+        finally:
+            stream.close()
+            self.slides.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"BigSmallDataset(dataset={self.dataset!r}, loader={self.loader!r}, "
+            f"collector={self.collector!r}, buffer_size={self.buffer_size}, "
+            f"smallchunks_per_bigchunk={self.smallchunks_per_bigchunk}, "
+            f"samples_per_epoch={self.samples_per_epoch}, seed={self.seed})"
+        )

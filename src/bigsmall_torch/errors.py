@@ -1,0 +1,72 @@
+"""The exception hierarchy of bigsmall_torch.
+
+Every error the package raises on purpose derives from :class:`BigSmallError`, so callers can catch
+the package's errors in one place. Errors about arguments also derive from :class:`ValueError` /
+:class:`TypeError`, so code written against the built-in exceptions keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = [
+    "BigSmallError",
+    "ConfigError",
+    "DatasetError",
+    "ExtractorError",
+    "MissingDependencyError",
+    "SlideError",
+    "SlideOpenError",
+    "SlideReadError",
+    "StreamError",
+]
+
+
+class BigSmallError(Exception):
+    """Base class of every error raised by bigsmall_torch."""
+
+
+class ConfigError(BigSmallError, ValueError):
+    """An argument has a value that is not allowed (the message names it and what is allowed)."""
+
+
+class DatasetError(BigSmallError, ValueError):
+    """A dataset of patients is malformed: no slides found, duplicate ids, missing files."""
+
+
+class ExtractorError(BigSmallError, TypeError):
+    """A user's loader or collector broke its contract (e.g. returned the wrong type)."""
+
+
+class MissingDependencyError(BigSmallError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+class StreamError(BigSmallError, RuntimeError):
+    """The sample stream cannot go on (e.g. every patient of a shard gives nothing)."""
+
+
+class SlideError(BigSmallError):
+    """Base class of errors about one slide file; ``path`` names the file."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class SlideOpenError(SlideError, OSError):
+    """A slide file cannot be opened by any backend tried."""
+
+    def __init__(
+        self, path: str | Path, reason: str, *, backends: Sequence[str] = ()
+    ) -> None:
+        self.backends = tuple(backends)
+        if self.backends:
+            reason = f"{reason} (backends tried: {', '.join(self.backends)})"
+        super().__init__(path, reason)
+
+
+class SlideReadError(SlideError, OSError):
+    """Reading a region of an opened slide failed."""

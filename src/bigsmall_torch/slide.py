@@ -1,0 +1,285 @@
+"""Slide I/O: one small reader protocol over openslide and tiffslide, and a per-worker LRU of handles.
+
+Everything in bigsmall_torch that touches a slide file goes through :func:`open_slide`. Readers return
+``H x W x 3`` ``uint8`` numpy arrays; locations are level-0 pixels, sizes are pixels of the level read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .errors import ConfigError, SlideOpenError, SlideReadError
+
+__all__ = ["Backend", "SlideCache", "SlideInfo", "SlideReader", "open_slide", "slide_info"]
+
+logger = logging.getLogger(__name__)
+
+
+class Backend(str, Enum):
+    """Which library reads a slide. ``AUTO`` tries tiffslide, then openslide, per file."""
+
+    AUTO = "auto"
+    OPENSLIDE = "openslide"
+    TIFFSLIDE = "tiffslide"
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """Metadata of one slide, gathered in one place (picklable, no open handle)."""
+
+    path: Path
+    backend: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float | None
+    objective_power: float | None
+    vendor: str | None
+    tile_size: tuple[int, int] | None
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 ``(width, height)``."""
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+
+@runtime_checkable
+class SlideReader(Protocol):
+    """What bigsmall_torch needs of an opened slide."""
+
+    @property
+    def info(self) -> SlideInfo: ...
+
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """The ``height x width x 3`` uint8 region at level-0 location ``(x, y)`` of ``level``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return None
+    return result if result > 0 else None
+
+
+class _ReaderBase:
+    """Region checks shared by the backends."""
+
+    info: SlideInfo
+
+    def _check_region(self, x: int, y: int, level: int, width: int, height: int) -> None:
+        levels = self.info.level_count
+        if not 0 <= level < levels:
+            raise SlideReadError(
+                self.info.path, f"level {level} does not exist; levels are 0..{levels - 1}"
+            )
+        if width <= 0 or height <= 0:
+            raise SlideReadError(self.info.path, f"region size must be positive, got {width}x{height}")
+        lw, lh = self.info.level_dimensions[level]
+        ds = self.info.level_downsamples[level]
+        lx, ly = round(x / ds), round(y / ds)
+        if x < 0 or y < 0 or lx + width > lw or ly + height > lh:
+            raise SlideReadError(
+                self.info.path,
+                f"region x={x}, y={y} (level-0), {width}x{height} at level {level} is outside the "
+                f"level's {lw}x{lh} pixels",
+            )
+
+
+class _TiffSlideReader(_ReaderBase):
+    def __init__(self, path: Path) -> None:
+        import tiffslide
+
+        self._slide = tiffslide.TiffSlide(path)
+        props = self._slide.properties
+        tile = None
+        try:
+            page = self._slide.ts_tifffile.series[0].levels[0].keyframe
+            if page.is_tiled:
+                tile = (int(page.tilewidth), int(page.tilelength))
+        except (AttributeError, IndexError):
+            pass
+        self.info = SlideInfo(
+            path=path,
+            backend=Backend.TIFFSLIDE.value,
+            level_dimensions=tuple((int(w), int(h)) for w, h in self._slide.level_dimensions),
+            level_downsamples=tuple(float(d) for d in self._slide.level_downsamples),
+            mpp=_as_float(props.get("tiffslide.mpp-x")),
+            objective_power=_as_float(props.get("tiffslide.objective-power")),
+            vendor=props.get("tiffslide.vendor"),
+            tile_size=tile,
+        )
+
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        self._check_region(x, y, level, width, height)
+        try:
+            arr = self._slide.read_region((x, y), level, (width, height), as_array=True)
+        except Exception as exc:  # decoder errors come in many types
+            raise SlideReadError(self.info.path, f"tiffslide failed to read the region: {exc}") from exc
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        elif arr.shape[2] != 3:
+            arr = np.ascontiguousarray(arr[:, :, :3])
+        return arr
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class _OpenSlideReader(_ReaderBase):
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        self._slide = openslide.OpenSlide(path)
+        props = self._slide.properties
+        tw, th = props.get("openslide.level[0].tile-width"), props.get("openslide.level[0].tile-height")
+        self.info = SlideInfo(
+            path=path,
+            backend=Backend.OPENSLIDE.value,
+            level_dimensions=tuple((int(w), int(h)) for w, h in self._slide.level_dimensions),
+            level_downsamples=tuple(float(d) for d in self._slide.level_downsamples),
+            mpp=_as_float(props.get("openslide.mpp-x")),
+            objective_power=_as_float(props.get("openslide.objective-power")),
+            vendor=props.get("openslide.vendor"),
+            tile_size=(int(tw), int(th)) if tw and th else None,
+        )
+
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        self._check_region(x, y, level, width, height)
+        try:
+            image = self._slide.read_region((x, y), level, (width, height))
+        except Exception as exc:
+            raise SlideReadError(self.info.path, f"openslide failed to read the region: {exc}") from exc
+        return np.ascontiguousarray(np.asarray(image)[:, :, :3])
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+_BACKENDS: dict[Backend, type[_TiffSlideReader] | type[_OpenSlideReader]] = {
+    Backend.TIFFSLIDE: _TiffSlideReader,
+    Backend.OPENSLIDE: _OpenSlideReader,
+}
+
+
+def _check_backend(backend: str | Backend) -> Backend:
+    try:
+        return Backend(backend)
+    except ValueError:
+        allowed = ", ".join(repr(b.value) for b in Backend)
+        raise ConfigError(f"backend must be one of {allowed}, got {backend!r}") from None
+
+
+def open_slide(path: str | os.PathLike[str], *, backend: str | Backend = "auto") -> SlideReader:
+    """Open a slide with ``backend`` (``"auto"`` tries tiffslide, then openslide).
+
+    Raises:
+        SlideOpenError: the file is missing, is a folder, or no backend tried can read it; the
+            message names the file, every backend tried and why each refused.
+    """
+    chosen = _check_backend(backend)
+    file = Path(path)
+    if not file.exists():
+        raise SlideOpenError(file, "no such file")
+    if file.is_dir():
+        raise SlideOpenError(file, "is a folder, not a slide file")
+    if file.stat().st_size == 0:
+        raise SlideOpenError(file, "the file is empty")
+    order = [Backend.TIFFSLIDE, Backend.OPENSLIDE] if chosen is Backend.AUTO else [chosen]
+    reasons: list[str] = []
+    for candidate in order:
+        try:
+            reader = _BACKENDS[candidate](file)
+        except Exception as exc:  # each backend refuses in its own exception types
+            reasons.append(f"{candidate.value}: {exc}")
+            continue
+        if not reader.info.level_dimensions or min(reader.info.dimensions) <= 0:
+            reader.close()
+            reasons.append(f"{candidate.value}: no image levels")
+            continue
+        logger.debug("opened %s with %s", file, candidate.value)
+        return reader
+    raise SlideOpenError(
+        file, "cannot be read as a slide: " + "; ".join(reasons), backends=[b.value for b in order]
+    )
+
+
+def slide_info(path: str | os.PathLike[str], *, backend: str | Backend = "auto") -> SlideInfo:
+    """Open ``path``, return its :class:`SlideInfo`, and close it again."""
+    reader = open_slide(path, backend=backend)
+    try:
+        return reader.info
+    finally:
+        reader.close()
+
+
+class SlideCache:
+    """A small LRU of open slide readers, one per process (a DataLoader worker opens its own).
+
+    Opening is lazy; when more than ``capacity`` slides are open the least recently used is closed, so
+    file handles and per-handle caches stay bounded however many slides a worker streams from.
+    """
+
+    def __init__(self, capacity: int = 16, *, backend: str | Backend = "auto") -> None:
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ConfigError(f"SlideCache: capacity must be an int >= 1, got {capacity!r}")
+        self.capacity = capacity
+        self.backend = _check_backend(backend)
+        self._open: OrderedDict[Path, SlideReader] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def get(self, path: str | os.PathLike[str]) -> SlideReader:
+        """The open reader of ``path``, opening it (and closing the least recently used) if needed."""
+        key = Path(path)
+        with self._lock:
+            if self._pid != os.getpid():  # inherited through fork: never share handles
+                self._open.clear()
+                self._pid = os.getpid()
+            reader = self._open.get(key)
+            if reader is not None:
+                self._open.move_to_end(key)
+                return reader
+            reader = open_slide(key, backend=self.backend)
+            self._open[key] = reader
+            while len(self._open) > self.capacity:
+                _, evicted = self._open.popitem(last=False)
+                evicted.close()
+            return reader
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def close(self) -> None:
+        """Close every open reader."""
+        with self._lock:
+            for reader in self._open.values():
+                reader.close()
+            self._open.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Handles never travel to another process: a pickled cache arrives empty.
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._pid = os.getpid()

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from bigsmall_torch.cli import main
+
+
+def test_demo_streams_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["demo", "--cache-dir", str(tmp_path), "--slides", "3", "--slide-size", "2048",
+                 "--chunk-size", "512", "--batches", "12", "--batch-size", "16", "--workers", "2",
+                 "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert len(list((tmp_path / "demo-slides").glob("*.tiff"))) == 3
+    assert re.search(r"192 patches of 224x224 in [\d.]+ s: [\d,]+ patches/s", out)
+    counts = dict(re.findall(r"(synthetic_\d+)=(\d+)", out))
+    assert len(counts) == 3 and sum(map(int, counts.values())) == 192
+
+
+def test_demo_rejects_bad_numbers(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["demo", "--cache-dir", str(tmp_path), "--workers", "-1"])

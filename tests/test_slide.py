@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bigsmall_torch as bst
+
+
+@pytest.mark.parametrize("backend", ["tiffslide", "openslide", "auto"])
+def test_backends_read_the_same_pixels(slide_folder: Path, backend: str) -> None:
+    path = slide_folder / "synthetic_001.tiff"
+    with_tiffslide = bst.open_slide(path, backend="tiffslide")
+    reader = bst.open_slide(path, backend=backend)
+    assert reader.info.backend == ("tiffslide" if backend == "auto" else backend)
+    assert reader.info.level_dimensions == ((3072, 2560), (1536, 1280), (768, 640))
+    assert reader.info.level_downsamples == (1.0, 2.0, 4.0)
+    assert reader.info.mpp == pytest.approx(0.5)
+    for x, y, level, w, h in [(0, 0, 0, 300, 200), (1000, 777, 0, 513, 255), (2048, 1024, 1, 400, 256)]:
+        region = reader.read(x, y, level, w, h)
+        assert region.shape == (h, w, 3) and region.dtype == np.uint8
+        assert np.array_equal(region, with_tiffslide.read(x, y, level, w, h))
+    reader.close()
+    with_tiffslide.close()
+
+
+def test_real_slide_metadata(cmu1: Path) -> None:
+    info = bst.slide_info(cmu1)
+    assert info.dimensions == (2220, 2967) and info.level_count == 1
+    assert info.mpp == pytest.approx(0.499, abs=1e-3)
+    assert info.tile_size == (240, 240)
+    assert bst.slide_info(cmu1, backend="openslide").vendor == "aperio"
+
+
+def test_open_errors_name_the_file_and_backends(tmp_path: Path, broken_svs: Path) -> None:
+    with pytest.raises(bst.SlideOpenError, match=r"missing\.svs: no such file"):
+        bst.open_slide(tmp_path / "missing.svs")
+    with pytest.raises(bst.SlideOpenError, match="is a folder"):
+        bst.open_slide(tmp_path)
+    (tmp_path / "empty.svs").write_bytes(b"")
+    with pytest.raises(bst.SlideOpenError, match="empty"):
+        bst.open_slide(tmp_path / "empty.svs")
+    with pytest.raises(bst.SlideOpenError, match=r"broken\.svs.*backends tried: tiffslide, openslide") as info:
+        bst.open_slide(broken_svs)
+    assert info.value.path == broken_svs and isinstance(info.value, bst.BigSmallError)
+    with pytest.raises(bst.SlideOpenError, match=r"backends tried: openslide\)"):
+        bst.open_slide(broken_svs, backend="openslide")
+    with pytest.raises(bst.ConfigError, match="backend must be one of 'auto', 'openslide', 'tiffslide'"):
+        bst.open_slide(broken_svs, backend="vips")
+
+
+def test_read_outside_the_level_is_refused(slide_folder: Path) -> None:
+    reader = bst.open_slide(slide_folder / "synthetic_000.tiff")
+    with pytest.raises(bst.SlideReadError, match=r"synthetic_000\.tiff: region .* outside"):
+        reader.read(3000, 0, 0, 100, 100)
+    with pytest.raises(bst.SlideReadError, match="level 3 does not exist"):
+        reader.read(0, 0, 3, 10, 10)
+    reader.close()
+
+
+def test_slide_cache_is_bounded_and_pickles_empty(slide_folder: Path) -> None:
+    cache = bst.SlideCache(2)
+    paths = sorted(slide_folder.glob("*.tiff"))[:3]
+    first = cache.get(paths[0])
+    assert cache.get(paths[0]) is first and len(cache) == 1
+    cache.get(paths[1])
+    cache.get(paths[2])  # evicts paths[0], the least recently used
+    assert len(cache) == 2 and cache.get(paths[0]) is not first
+    clone = pickle.loads(pickle.dumps(cache))
+    assert len(clone) == 0 and clone.capacity == 2
+    cache.close()
+    assert len(cache) == 0
+    with pytest.raises(bst.ConfigError, match="capacity must be an int >= 1"):
+        bst.SlideCache(0)
