@@ -85,7 +85,7 @@ def test_exact_epoch_length_and_batches(slide_folder: Path, num_workers: int) ->
     batches = list(loader)
     assert len(ds) == 192 and len(loader) == 12 == len(batches)
     assert all(b["image"].shape == (16, 3, 64, 64) for b in batches)
-    assert set(batches[0]) == {"image", "patient_id", "x", "y", "level", "chunk_x", "chunk_y"}
+    assert set(batches[0]) == {"image", "patient_id", "x", "y", "level", "mpp", "chunk_x", "chunk_y"}
 
 
 def test_workers_own_disjoint_patients(slide_folder: Path) -> None:
@@ -217,8 +217,7 @@ def test_closing_the_iterator_stops_the_thread_and_closes_slides(slide_folder: P
         ({"samples_per_epoch": 99, "world_size": 2, "rank": 0}, "divisible by the world size 2"),
         ({"rank": 2, "world_size": 2}, "rank must be in"),
         ({"collector": bst.RandomCropCollector(1024)}, "patch size 1024x1024 is larger than the loader's"),
-        ({"loader": bst.RandomRegionLoader(4096)}, r"size=4096x4096 is larger than level 0 of .*synthetic_000\.tiff \(3072x2560\)"),
-        ({"loader": bst.RandomRegionLoader(512, level=9)}, "level=9 does not exist"),
+        ({"loader": bst.RandomRegionLoader(4096)}, r"size=4096x4096 is larger than .*synthetic_000\.tiff at level=0 \(3072x2560\)"),
     ],
 )
 def test_bad_arguments_fail_at_construction(slide_folder: Path, kwargs: dict[str, Any], match: str) -> None:
@@ -232,6 +231,15 @@ def test_bad_sizes(size: Any) -> None:
         bst.RandomRegionLoader(size)
     with pytest.raises(bst.ConfigError, match="size"):
         bst.RandomCropCollector(size)
+
+
+def test_resolution_errors_name_the_slide(slide_folder: Path) -> None:
+    with pytest.raises(bst.ConfigError, match="only one of level=, mpp= or magnification="):
+        bst.RandomRegionLoader(512, level=1, mpp=0.5)
+    with pytest.raises(bst.SlideError, match=r"synthetic_000\.tiff: level 9 does not exist \(levels 0\.\.2\)"):
+        make(slide_folder, loader=bst.RandomRegionLoader(512, level=9))
+    with pytest.raises(bst.SlideError, match=r"mpp=0\.1 is finer than the slide's finest level \(0\.5 mpp"):
+        make(slide_folder, loader=bst.RandomRegionLoader(512, mpp=0.1))
 
 
 def test_not_a_slide_fails_at_construction_naming_the_file(tmp_path: Path, slide_folder: Path) -> None:
@@ -312,3 +320,52 @@ def test_on_error_skip_counts_logs_and_keeps_epoch_length(
     skipped = [r for r in caplog.records if "skipping patient 'zz_broken'" in r.getMessage()]
     assert len(skipped) == 1 and "zz_broken.tiff" in skipped[0].getMessage()
     assert "1 slide(s) skipped" in skipped[0].getMessage()
+
+
+def _open_slide_fds(folder: Path) -> list[str]:
+    fds = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = str(fd.readlink())
+        except OSError:
+            continue
+        if target.startswith(str(folder)):
+            fds.append(target)
+    return fds
+
+
+def test_no_file_handles_left_after_an_epoch(slide_folder: Path) -> None:
+    ds = make(slide_folder)
+    assert len(list(ds)) == 192
+    assert _open_slide_fds(slide_folder) == [] and _loader_threads() == []
+
+
+def test_deleting_a_loader_mid_epoch_ends_its_workers(slide_folder: Path) -> None:
+    it = iter(DataLoader(make(slide_folder, samples_per_epoch=None), batch_size=8, num_workers=2))
+    next(it)
+    workers = list(it._workers)  # type: ignore[attr-defined]
+    assert all(w.is_alive() for w in workers)
+    del it
+    for w in workers:
+        w.join(timeout=30)
+    assert not any(w.is_alive() for w in workers)
+
+
+def test_interpreter_exits_after_breaking_out_of_an_endless_stream(slide_folder: Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import bigsmall_torch as bst\n"
+        "from torch.utils.data import DataLoader\n"
+        f"ds = bst.BigSmallDataset(bst.Dataset.from_folder({str(slide_folder)!r}, pattern='*.tiff'),"
+        " bst.RandomRegionLoader(512), bst.RandomCropCollector(64), buffer_size=2,"
+        " smallchunks_per_bigchunk=4)\n"
+        "for nw in (0, 2):\n"
+        "    for i, batch in enumerate(DataLoader(ds, batch_size=8, num_workers=nw)):\n"
+        "        if i == 3: break\n"
+        "print('done')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "done"

@@ -25,7 +25,9 @@ from .errors import (
 )
 from .loaders import RandomRegionLoader
 from .reservoir import OnError
+from .resolution import LevelChoice, Resolution
 from .slide import Backend, SlideCache, SlideInfo, SlideReader, open_slide, slide_info
+from .tissue import TissueDetector, TissueMask, render_tissue, tissue_mask
 
 __all__ = [
     "Backend",
@@ -38,12 +40,14 @@ __all__ = [
     "Dataset",
     "DatasetError",
     "ExtractorError",
+    "LevelChoice",
     "MissingDependencyError",
     "OnError",
     "Patient",
     "RandomCropCollector",
     "RandomRegionLoader",
     "Record",
+    "Resolution",
     "SlideCache",
     "SlideError",
     "SlideInfo",
@@ -53,7 +57,11 @@ __all__ = [
     "SmallChunk",
     "SmallChunkCollector",
     "StreamError",
+    "TissueDetector",
+    "TissueMask",
     "__version__",
     "open_slide",
+    "render_tissue",
     "slide_info",
+    "tissue_mask",
 ]

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from ._validate import positive_int, size_pair
+import math
+
+import numpy as np
+
+from ._validate import size_pair
 from .chunks import BigChunk, BigChunkLoader, ChunkContext, channel_planar
 from .data import Patient
 from .errors import ConfigError
-from .slide import SlideCache
+from .resolution import DEFAULT_TOLERANCE, LevelChoice, Resolution, resample
+from .slide import SlideCache, SlideInfo, SlideReader
+from .tissue import TissueDetector, _skimage, tissue_mask
 
 __all__ = ["RandomRegionLoader", "part_bounds"]
 
@@ -28,67 +34,148 @@ def part_bounds(width: int, height: int, part: tuple[int, int]) -> tuple[int, in
 
 
 class RandomRegionLoader(BigChunkLoader):
-    """A uniformly random ``size`` region of the patient's slide at ``level``, clipped to the slide.
+    """A uniformly random ``size`` region of the patient's slide, clipped to the slide.
 
     Args:
-        size: width and height (an int, or a ``(width, height)`` pair) in pixels of ``level``.
-        level: the pyramid level to read.
+        size: width and height (an int, or a ``(width, height)`` pair) in pixels of the asked resolution.
+        level: the pyramid level to read (default 0 when neither ``mpp`` nor ``magnification`` is given).
         record_key: which record of the patient to read.
+        mpp: read at this many microns per pixel instead of a level.
+        magnification: read at this objective magnification (e.g. 20 for 20x) instead of a level.
+        tolerance: relative scale difference under which a level is used as it is; beyond it the
+            next finer level is read and resampled (see :mod:`bigsmall_torch.resolution`).
+        tissue_only: place big chunks on tissue: a tissue cell of the slide's mask (see
+            :mod:`bigsmall_torch.tissue`) is drawn uniformly, so slides and regions are weighted by
+            tissue area, and the chunk is centred on it (clipped to the slide). A slide (or band) with
+            no tissue gives no chunk.
+        tissue_detector: how masks are computed (default :class:`~bigsmall_torch.TissueDetector`).
 
     The region lies inside the slide (its top-left is drawn so that it fits). When several workers
     share one slide the region is drawn inside this worker's band (:func:`part_bounds`) and clipped to
-    it. A ``size`` larger than a slide's level is refused when the dataset is built.
+    it. A ``size`` larger than a slide, a missing level or an ``mpp`` asked of a slide without one is
+    refused when the dataset is built.
     """
 
-    def __init__(self, size: int | tuple[int, int], level: int = 0, record_key: str = "wsi") -> None:
+    def __init__(
+        self,
+        size: int | tuple[int, int],
+        level: int | None = None,
+        record_key: str = "wsi",
+        *,
+        mpp: float | None = None,
+        magnification: float | None = None,
+        tolerance: float = DEFAULT_TOLERANCE,
+        tissue_only: bool = False,
+        tissue_detector: TissueDetector | None = None,
+    ) -> None:
         self.size = size_pair("RandomRegionLoader: size", size)
-        self.level = positive_int("RandomRegionLoader: level", level, minimum=0)
+        self.tissue_only = bool(tissue_only)
+        self.tissue_detector = tissue_detector or TissueDetector()
+        if self.tissue_only:
+            _skimage()  # fail at construction, naming the extra, when scikit-image is missing
+        self.resolution = Resolution.from_args(
+            "RandomRegionLoader", level=level, mpp=mpp, magnification=magnification, tolerance=tolerance
+        )
         if not isinstance(record_key, str):
             raise ConfigError(f"RandomRegionLoader: record_key must be a str, got {record_key!r}")
         self.record_key = record_key
+        self._choices: dict[str, LevelChoice] = {}
+
+    @property
+    def level(self) -> int | None:
+        return self.resolution.level
 
     @property
     def chunk_size(self) -> tuple[int, int]:
         return self.size
 
+    def choice(self, info: SlideInfo) -> LevelChoice:
+        """The level and resampling used for the slide ``info`` (cached per path)."""
+        key = str(info.path)
+        if key not in self._choices:
+            self._choices[key] = self.resolution.choose(info)
+        return self._choices[key]
+
+    def extent(self, info: SlideInfo) -> tuple[int, int]:
+        """``(width, height)`` of the slide in pixels of the asked resolution."""
+        choice = self.choice(info)
+        if not choice.resampled:
+            return info.level_dimensions[choice.level]
+        return int(info.dimensions[0] // choice.downsample), int(info.dimensions[1] // choice.downsample)
+
     def validate(self, patient: Patient, slides: SlideCache) -> None:
-        reader = slides.get(patient.record(self.record_key).path)
-        info = reader.info
-        if self.level >= info.level_count:
+        info = slides.get(patient.record(self.record_key).path).info
+        width, height = self.extent(info)
+        if self.size[0] > width or self.size[1] > height:
             raise ConfigError(
-                f"RandomRegionLoader: level={self.level} does not exist in {info.path} "
-                f"(levels 0..{info.level_count - 1})"
-            )
-        lw, lh = info.level_dimensions[self.level]
-        if self.size[0] > lw or self.size[1] > lh:
-            raise ConfigError(
-                f"RandomRegionLoader: size={self.size[0]}x{self.size[1]} is larger than level "
-                f"{self.level} of {info.path} ({lw}x{lh}); use a smaller size or a lower level"
+                f"RandomRegionLoader: size={self.size[0]}x{self.size[1]} is larger than "
+                f"{info.path} at {self.resolution.describe()} ({width}x{height}); use a smaller size "
+                "or a finer resolution"
             )
 
-    def extract_bigchunk(self, patient: Patient, ctx: ChunkContext) -> BigChunk:
+    def _on_tissue(
+        self,
+        reader: SlideReader,
+        downsample: float,
+        band: tuple[int, int, int, int],
+        size: tuple[int, int],
+        ctx: ChunkContext,
+    ) -> tuple[int, int] | None:
+        """Top-left (pixels of the asked resolution) of a chunk centred on a random tissue cell."""
+        bx, by, bw, bh = band
+        mask = tissue_mask(reader, detector=self.tissue_detector)
+        cells = mask.tissue_cells(bx * downsample, by * downsample, bw * downsample, bh * downsample)
+        if len(cells) == 0:
+            return None
+        cx, cy = cells[int(ctx.rng.integers(len(cells)))]
+        # A uniform point inside the cell, in pixels of the asked resolution.
+        px = (cx + ctx.rng.random() * mask.downsample[0]) / downsample
+        py = (cy + ctx.rng.random() * mask.downsample[1]) / downsample
+        w, h = size
+        ox = int(np.clip(round(px - w / 2), bx, bx + bw - w))
+        oy = int(np.clip(round(py - h / 2), by, by + bh - h))
+        return ox, oy
+
+    def extract_bigchunk(self, patient: Patient, ctx: ChunkContext) -> BigChunk | None:
         record = patient.record(self.record_key)
         reader = ctx.slides.get(record.path)
         info = reader.info
-        lw, lh = info.level_dimensions[self.level]
-        ds = info.level_downsamples[self.level]
-        bx, by, bw, bh = part_bounds(lw, lh, ctx.part)
+        choice = self.choice(info)
+        bx, by, bw, bh = part_bounds(*self.extent(info), ctx.part)
         w, h = min(self.size[0], bw), min(self.size[1], bh)
-        lx = bx + int(ctx.rng.integers(0, bw - w + 1))
-        ly = by + int(ctx.rng.integers(0, bh - h + 1))
-        x0, y0 = round(lx * ds), round(ly * ds)
-        data = channel_planar(reader.read(x0, y0, self.level, w, h))
+        if self.tissue_only:
+            placed = self._on_tissue(reader, choice.downsample, (bx, by, bw, bh), (w, h), ctx)
+            if placed is None:
+                return None
+            ox, oy = placed
+        else:
+            ox = bx + int(ctx.rng.integers(0, bw - w + 1))
+            oy = by + int(ctx.rng.integers(0, bh - h + 1))
+        x0, y0 = round(ox * choice.downsample), round(oy * choice.downsample)
+        if not choice.resampled:
+            data = reader.read(x0, y0, choice.level, w, h)
+        else:
+            level_ds = info.level_downsamples[choice.level]
+            lw, lh = info.level_dimensions[choice.level]
+            lx, ly = round(x0 / level_ds), round(y0 / level_ds)
+            rw = min(math.ceil(w * choice.scale), lw - lx)
+            rh = min(math.ceil(h * choice.scale), lh - ly)
+            data = resample(reader.read(x0, y0, choice.level, rw, rh), w, h)
         chunk_info = {
             "x": x0,
             "y": y0,
-            "level": self.level,
-            "downsample": ds,
+            "level": choice.level,
+            "downsample": choice.downsample,
+            "mpp": choice.mpp,
             "width": w,
             "height": h,
             "record_key": self.record_key,
             "path": str(record.path),
         }
-        return BigChunk(data, chunk_info, patient)
+        return BigChunk(channel_planar(data), chunk_info, patient)
 
     def __repr__(self) -> str:
-        return f"RandomRegionLoader(size={self.size}, level={self.level}, record_key={self.record_key!r})"
+        return (
+            f"RandomRegionLoader(size={self.size}, {self.resolution.describe()}, "
+            f"record_key={self.record_key!r}, tissue_only={self.tissue_only})"
+        )

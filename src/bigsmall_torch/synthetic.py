@@ -275,8 +275,8 @@ def _procedural_texture(seed: int, side: int = 1024) -> RGBArray:
     rng = np.random.default_rng(np.random.SeedSequence([seed, _STREAM_TEXTURE]))
     fibres, mid, coarse = (_noise(rng, side, *s) for s in ((2, 6), (8, 8), (40, 40)))
     pale = 0.6 / (1 + np.exp(-5 * (_noise(rng, side, 25, 25) - 1.0)))
-    eosin = np.clip(0.45 + 0.12 * mid + 0.12 * fibres + 0.08 * coarse, 0.03, None)
-    haem = 0.2 + 0.05 * mid
+    eosin = np.clip(0.32 + 0.1 * mid + 0.12 * fibres + 0.08 * coarse, 0.03, None)
+    haem = 0.16 + 0.04 * mid
     crowding = np.clip(0.4 + 0.6 * _noise(rng, side, 60, 60), 0.05, None)
     for per_pixel, sigma, gain in ((1 / 500, 2.5, crowding), (1 / 4000, 4.0, 0.8)):
         count = int(side * side * per_pixel)
@@ -326,14 +326,22 @@ class _PatchSource:
         self._views = _dihedral(texture)
         cells = texture[4::8, 4::8]  # one sample per 8x8 cell is enough to rank patches
         stained = (np.ptp(cells, axis=-1) > 20) | (cells.mean(-1) < 200) | (not stained_only)
-        self._corners = [self._most_stained(view) for view in _dihedral(stained)]
+        self._corners = [
+            self._most_stained(s, v.shape)
+            for s, v in zip(_dihedral(stained), self._views, strict=True)
+        ]
 
-    def _most_stained(self, stained: npt.NDArray[np.bool_]) -> npt.NDArray[np.intp]:
+    def _most_stained(
+        self, stained: npt.NDArray[np.bool_], shape: tuple[int, ...]
+    ) -> npt.NDArray[np.intp]:
         """Top-left corners, on the 8-pixel grid, of the patches that are >= 90 % stained."""
-        p = self.patch // 8
+        p, n = -(-self.patch // 8), stained.shape
         summed = np.pad(stained.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-        ys, xs = np.mgrid[0 : stained.shape[0] - p + 1, 0 : stained.shape[1] - p + 1]
-        covered = summed[ys + p, xs + p] - summed[ys, xs + p] - summed[ys + p, xs] + summed[ys, xs]
+        ys, xs = np.mgrid[
+            0 : (shape[0] - self.patch) // 8 + 1, 0 : (shape[1] - self.patch) // 8 + 1
+        ]
+        ye, xe = np.minimum(ys + p, n[0]), np.minimum(xs + p, n[1])
+        covered = summed[ye, xe] - summed[ys, xe] - summed[ye, xs] + summed[ys, xs]
         keep = covered.ravel() >= min(0.9 * p * p, covered.max())
         return 8 * np.stack([ys.ravel(), xs.ravel()], axis=1)[keep]
 
@@ -376,7 +384,7 @@ class _Spool:
 def _level0_bands(info: SyntheticSlideInfo) -> Iterator[RGBArray]:
     """Rows of ``tile_size`` pixels, padded to whole tiles: texture where the mask is set, else glass."""
     ts, d = info.tile_size, info.mask_downsample
-    patch = ts // math.ceil(ts / 256)
+    patch = 16 * max(j for j in range(1, 17) if ts // 16 % j == 0)  # divides ts, <= 256
     if info.texture_source is None:
         texture = _PatchSource(_procedural_texture(info.seed), patch, stained_only=False)
     else:
