@@ -74,3 +74,18 @@ def test_slide_cache_is_bounded_and_pickles_empty(slide_folder: Path) -> None:
     assert len(cache) == 0
     with pytest.raises(bst.ConfigError, match="capacity must be an int >= 1"):
         bst.SlideCache(0)
+
+
+def test_stripped_and_truncated_tiffs_are_refused_at_open(tmp_path: Path, slide_folder: Path) -> None:
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "strip.tiff", np.zeros((100, 120, 3), np.uint8))
+    with pytest.raises(bst.SlideOpenError, match=r"strip\.tiff.*level 0 is not tiled.*openslide"):
+        bst.open_slide(tmp_path / "strip.tiff")
+    data = (slide_folder / "synthetic_000.tiff").read_bytes()
+    (tmp_path / "truncated.tiff").write_bytes(data[: len(data) // 2])
+    with pytest.raises(bst.SlideOpenError, match=r"truncated\.tiff.*the file is truncated"):
+        bst.open_slide(tmp_path / "truncated.tiff")
+    (tmp_path / "header.tiff").write_bytes(data[:4000])
+    with pytest.raises(bst.SlideOpenError, match=r"header\.tiff.*backends tried: tiffslide, openslide"):
+        bst.open_slide(tmp_path / "header.tiff")

@@ -101,19 +101,42 @@ class _ReaderBase:
             )
 
 
+def _check_tiff_levels(tif: Any, path: Path) -> tuple[int, int]:
+    """Refuse TIFFs that are not tiled pyramids or whose tile data lies past the end of the file.
+
+    Returns the level-0 tile size.
+    """
+    size = path.stat().st_size
+    levels = tif.series[0].levels
+    for index, level in enumerate(levels):
+        page = level.keyframe
+        if not page.is_tiled:
+            raise ValueError(
+                f"level {index} is not tiled (a stripped TIFF, not a tiled pyramidal slide)"
+            )
+        offsets, counts = page.dataoffsets, page.databytecounts
+        if not offsets:
+            raise ValueError(f"level {index} has no tile data")
+        end = max(o + c for o, c in zip(offsets, counts, strict=False))
+        if end > size:
+            raise ValueError(
+                f"the file is truncated: level {index}'s tiles end at byte {end} but the file has {size}"
+            )
+    page = levels[0].keyframe
+    return int(page.tilewidth), int(page.tilelength)
+
+
 class _TiffSlideReader(_ReaderBase):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, cache_bytes: int | None = None) -> None:
         import tiffslide
 
         self._slide = tiffslide.TiffSlide(path)
-        props = self._slide.properties
-        tile = None
         try:
-            page = self._slide.ts_tifffile.series[0].levels[0].keyframe
-            if page.is_tiled:
-                tile = (int(page.tilewidth), int(page.tilelength))
-        except (AttributeError, IndexError):
-            pass
+            tile = _check_tiff_levels(self._slide.ts_tifffile, path)
+        except Exception:
+            self._slide.close()
+            raise
+        props = self._slide.properties
         self.info = SlideInfo(
             path=path,
             backend=Backend.TIFFSLIDE.value,
@@ -141,11 +164,27 @@ class _TiffSlideReader(_ReaderBase):
         self._slide.close()
 
 
+_openslide_caches: dict[tuple[int, int], Any] = {}
+
+
+def _openslide_cache(capacity: int) -> Any:
+    """One OpenSlide 4 tile cache of ``capacity`` bytes per process, shared by its open slides."""
+    import openslide
+
+    key = (os.getpid(), capacity)
+    if key not in _openslide_caches:
+        _openslide_caches.clear()  # caches of a parent process are not ours
+        _openslide_caches[key] = openslide.OpenSlideCache(capacity)
+    return _openslide_caches[key]
+
+
 class _OpenSlideReader(_ReaderBase):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, cache_bytes: int | None = None) -> None:
         import openslide
 
         self._slide = openslide.OpenSlide(path)
+        if cache_bytes is not None and hasattr(self._slide, "set_cache"):
+            self._slide.set_cache(_openslide_cache(cache_bytes))
         props = self._slide.properties
         tw, th = props.get("openslide.level[0].tile-width"), props.get("openslide.level[0].tile-height")
         self.info = SlideInfo(
@@ -185,8 +224,16 @@ def _check_backend(backend: str | Backend) -> Backend:
         raise ConfigError(f"backend must be one of {allowed}, got {backend!r}") from None
 
 
-def open_slide(path: str | os.PathLike[str], *, backend: str | Backend = "auto") -> SlideReader:
+def open_slide(
+    path: str | os.PathLike[str],
+    *,
+    backend: str | Backend = "auto",
+    openslide_cache_bytes: int | None = None,
+) -> SlideReader:
     """Open a slide with ``backend`` (``"auto"`` tries tiffslide, then openslide).
+
+    ``openslide_cache_bytes`` bounds OpenSlide's tile cache (one cache of that size shared by the
+    process's slides); None keeps OpenSlide's default (32 MiB per slide).
 
     Raises:
         SlideOpenError: the file is missing, is a folder, or no backend tried can read it; the
@@ -204,7 +251,7 @@ def open_slide(path: str | os.PathLike[str], *, backend: str | Backend = "auto")
     reasons: list[str] = []
     for candidate in order:
         try:
-            reader = _BACKENDS[candidate](file)
+            reader = _BACKENDS[candidate](file, openslide_cache_bytes)
         except Exception as exc:  # each backend refuses in its own exception types
             reasons.append(f"{candidate.value}: {exc}")
             continue
@@ -232,13 +279,26 @@ class SlideCache:
     """A small LRU of open slide readers, one per process (a DataLoader worker opens its own).
 
     Opening is lazy; when more than ``capacity`` slides are open the least recently used is closed, so
-    file handles and per-handle caches stay bounded however many slides a worker streams from.
+    file handles stay bounded however many slides a worker streams from. OpenSlide's tile caches
+    are bounded too: the process's openslide slides share one cache of ``openslide_cache_bytes``
+    (big chunks are read once, so a large tile cache buys little).
     """
 
-    def __init__(self, capacity: int = 16, *, backend: str | Backend = "auto") -> None:
+    def __init__(
+        self,
+        capacity: int = 16,
+        *,
+        backend: str | Backend = "auto",
+        openslide_cache_bytes: int = 32 << 20,
+    ) -> None:
         if not isinstance(capacity, int) or capacity < 1:
             raise ConfigError(f"SlideCache: capacity must be an int >= 1, got {capacity!r}")
+        if not isinstance(openslide_cache_bytes, int) or openslide_cache_bytes < 0:
+            raise ConfigError(
+                f"SlideCache: openslide_cache_bytes must be an int >= 0, got {openslide_cache_bytes!r}"
+            )
         self.capacity = capacity
+        self.openslide_cache_bytes = openslide_cache_bytes
         self.backend = _check_backend(backend)
         self._open: OrderedDict[Path, SlideReader] = OrderedDict()
         self._lock = threading.Lock()
@@ -255,7 +315,9 @@ class SlideCache:
             if reader is not None:
                 self._open.move_to_end(key)
                 return reader
-            reader = open_slide(key, backend=self.backend)
+            reader = open_slide(
+                key, backend=self.backend, openslide_cache_bytes=self.openslide_cache_bytes
+            )
             self._open[key] = reader
             while len(self._open) > self.capacity:
                 _, evicted = self._open.popitem(last=False)
