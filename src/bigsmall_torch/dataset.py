@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
+from ._batching import BatchBuilder, batch_count, batched_quota
 from ._sharding import (
     Topology,
     assign_shards,
@@ -55,7 +56,8 @@ class BigSmallDataset(IterableDataset[Sample]):
             returns None).
         samples_per_epoch: total samples of one epoch across all workers and ranks (each rank gets
             ``samples_per_epoch / world_size``; it must divide evenly). None streams endlessly.
-        transform: applied in the worker to each sample's ``image`` (a CHW uint8 tensor).
+        transform: applied in the worker to each sample's ``image`` (a CHW uint8 tensor); in batched
+            mode to the batch's ``image`` (``[n, C, H, W]``).
         seed: every random draw derives from (seed, epoch, rank, worker).
         prefetch: big chunks each worker loads ahead in its background thread.
         on_error: ``"raise"`` (default) or ``"skip"``: what to do when a slide fails to read while
@@ -66,6 +68,11 @@ class BigSmallDataset(IterableDataset[Sample]):
             header once in this process).
         rank, world_size: the distributed position; by default read from torch.distributed when it is
             initialised (at construction, :meth:`set_epoch` and ``len()``), else 0 and 1.
+        batch_size: batched mode: yield whole batches built in the worker (use
+            ``DataLoader(ds, batch_size=None)``): ``image`` is one ``[n, C, H, W]`` uint8 tensor written
+            in shared memory, metadata are collated tensors/lists, ``transform`` gets the whole batch
+            tensor, and ``len()`` counts batches. Same samples as per-sample mode for the same seed
+            (when each worker's share is a whole number of batches).
 
     Each epoch every patient belongs to exactly one (rank, worker) shard, dealt from a permutation of
     (seed, epoch). With fewer patients than shards, a patient is shared by several shards, each owning
@@ -90,6 +97,7 @@ class BigSmallDataset(IterableDataset[Sample]):
         validate: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(dataset, Dataset):
@@ -109,6 +117,7 @@ class BigSmallDataset(IterableDataset[Sample]):
             None if samples_per_epoch is None else positive_int("samples_per_epoch", samples_per_epoch)
         )
         self.prefetch = positive_int("prefetch", prefetch)
+        self.batch_size = None if batch_size is None else positive_int("batch_size", batch_size)
         if transform is not None and not callable(transform):
             raise ConfigError(f"transform must be callable or None, got {transform!r}")
         self.transform = transform
@@ -169,22 +178,31 @@ class BigSmallDataset(IterableDataset[Sample]):
         self._refresh_topology()
 
     def __len__(self) -> int:
-        """Samples this rank yields per epoch; a TypeError for an endless stream."""
+        """Samples (batched mode: batches) this rank yields per epoch; a TypeError when endless."""
         if self.samples_per_epoch is None:
             raise TypeError("BigSmallDataset without samples_per_epoch is endless and has no len()")
         self._refresh_topology()
         self._check_epoch_split()
-        return self.samples_per_epoch // self.world_size
+        per_rank = self.samples_per_epoch // self.world_size
+        return per_rank if self.batch_size is None else batch_count(per_rank, self.batch_size)
 
     def topology(self) -> Topology:
         """The (rank, world size, worker, num_workers) of the calling process."""
         return current_topology(self.rank, self.world_size)
 
     def shard_quota(self, topo: Topology) -> int | None:
-        """Samples the shard ``topo`` yields this epoch (None: endless)."""
+        """Samples the shard ``topo`` yields this epoch (None: endless).
+
+        Per-sample mode splits the rank's samples evenly over its workers; batched mode deals them
+        in whole batches (:func:`~bigsmall_torch._batching.batched_quota`), so that ``len()`` counts
+        batches exactly. Both give the same split when every worker's share is a whole number of
+        batches.
+        """
         if self.samples_per_epoch is None:
             return None
         per_rank = self.samples_per_epoch // topo.world_size
+        if self.batch_size is not None:
+            return batched_quota(per_rank, self.batch_size, topo.num_workers, topo.worker)
         return split_evenly(per_rank, topo.num_workers, topo.worker)
 
     def make_reservoir(self, topo: Topology) -> Reservoir:
@@ -205,26 +223,46 @@ class BigSmallDataset(IterableDataset[Sample]):
             on_error=self.on_error,
         )
 
-    def __iter__(self) -> Iterator[Sample]:
+    def __iter__(self) -> Iterator[Any]:
         self._refresh_topology()
         self._check_epoch_split()
         topo = self.topology()
         quota = self.shard_quota(topo)
         if quota == 0:
             return
-        reservoir = self.make_reservoir(topo)
-        stream = reservoir.stream()
+        stream = self.make_reservoir(topo).stream()
         try:
-            for count, small in enumerate(stream, start=1):
-                sample = to_sample(small)
-                if self.transform is not None:
-                    sample["image"] = self.transform(sample["image"])
-                yield sample
-                if quota is not None and count >= quota:
-                    return
+            if self.batch_size is None:
+                yield from self._samples(stream, quota)
+            else:
+                yield from self._batches(stream, quota, self.batch_size)
         finally:
             stream.close()
             self.slides.close()
+
+    def _samples(self, stream: Iterator[SmallChunk], quota: int | None) -> Iterator[Sample]:
+        for count, small in enumerate(stream, start=1):
+            sample = to_sample(small)
+            if self.transform is not None:
+                sample["image"] = self.transform(sample["image"])
+            yield sample
+            if quota is not None and count >= quota:
+                return
+
+    def _batches(
+        self, stream: Iterator[SmallChunk], quota: int | None, batch_size: int
+    ) -> Iterator[dict[str, Any]]:
+        builder = BatchBuilder(batch_size)
+        for count, small in enumerate(stream, start=1):
+            builder.add(small)
+            last = quota is not None and count >= quota
+            if len(builder) == batch_size or last:
+                batch = builder.build()
+                if self.transform is not None:
+                    batch["image"] = self.transform(batch["image"])
+                yield batch
+            if last:
+                return
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,89 @@
+"""Batched mode: whole batches assembled inside the worker.
+
+Crops are written straight into one uint8 batch tensor that lives in shared memory when built in a
+DataLoader worker (so handing it to the main process copies nothing), and metadata becomes small
+tensors. Used with ``DataLoader(dataset, batch_size=None)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+
+from ._sharding import split_evenly
+from .chunks import SmallChunk
+from .errors import ExtractorError
+
+__all__ = ["BatchBuilder", "batch_count", "batched_quota"]
+
+
+def batch_count(total: int, batch_size: int) -> int:
+    """Batches of an epoch of ``total`` samples (the last one may be partial)."""
+    return math.ceil(total / batch_size)
+
+
+def batched_quota(total: int, batch_size: int, num_workers: int, worker: int) -> int:
+    """Samples worker ``worker`` yields when ``total`` samples are dealt to workers in whole batches.
+
+    The ``ceil(total / batch_size)`` batches are split as evenly as possible over the workers; the one
+    partial batch (if any) belongs to the worker whose batch the DataLoader returns last (it takes
+    workers' batches in turn), so every worker's other batches are full.
+    """
+    batches = batch_count(total, batch_size)
+    mine = split_evenly(batches, num_workers, worker)
+    samples = mine * batch_size
+    if total % batch_size and worker == (batches - 1) % num_workers:
+        samples -= batch_size - total % batch_size
+    return samples
+
+
+def _new_images(shape: tuple[int, ...]) -> torch.Tensor:
+    images = torch.empty(shape, dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:
+        images.share_memory_()  # sent to the main process without a copy
+    return images
+
+
+class BatchBuilder:
+    """Collects up to ``batch_size`` small chunks into one batch dict."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self._images: torch.Tensor | None = None
+        self._array: np.ndarray | None = None
+        self._meta: list[dict[str, Any]] = []
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def add(self, small: SmallChunk) -> None:
+        data = small.data
+        chw = data.transpose(2, 0, 1) if data.ndim == 3 else data[None]
+        if self._array is None:
+            self._images = _new_images((self.batch_size, *chw.shape))
+            self._array = self._images.numpy()
+        elif chw.shape != self._array.shape[1:]:
+            raise ExtractorError(
+                f"batched mode needs equal patch shapes: got {chw.shape} after {self._array.shape[1:]} "
+                "(CHW); use per-sample mode for patches of varying size"
+            )
+        self._array[len(self._meta)] = chw
+        meta: dict[str, Any] = {"patient_id": small.patient.id}
+        if small.patient.label is not None:
+            meta["label"] = small.patient.label
+        meta.update(small.info)
+        self._meta.append(meta)
+
+    def build(self) -> dict[str, Any]:
+        """The batch (``image`` [n, C, H, W] uint8 plus collated metadata); resets the builder."""
+        assert self._images is not None, "build() on an empty BatchBuilder"
+        n = len(self._meta)
+        batch: dict[str, Any] = {"image": self._images[:n] if n < self.batch_size else self._images}
+        for key in self._meta[0]:
+            batch[key] = default_collate([m[key] for m in self._meta])
+        self._images, self._array, self._meta = None, None, []
+        return batch

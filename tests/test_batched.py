@@ -1,0 +1,102 @@
+"""Batched mode: whole batches built in the worker, the same samples as per-sample mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import bigsmall_torch as bst
+from bigsmall_torch._batching import batched_quota
+from bigsmall_torch.chunks import BigChunk, ChunkContext, SmallChunk
+
+
+def make(folder: Path, **kwargs: Any) -> bst.BigSmallDataset:
+    options: dict[str, Any] = dict(buffer_size=3, smallchunks_per_bigchunk=16, samples_per_epoch=256, seed=7)
+    options.update(kwargs)
+    collector = options.pop("collector", bst.RandomCropCollector(64))
+    return bst.BigSmallDataset(
+        bst.Dataset.from_folder(folder, pattern="*.tiff"), bst.RandomRegionLoader(512), collector, **options
+    )
+
+
+def flatten(batches: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [
+        (b["patient_id"][i], int(b["x"][i]), int(b["y"][i]), b["image"][i].numpy().tobytes())
+        for b in batches
+        for i in range(len(b["x"]))
+    ]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_same_samples_as_per_sample_mode(slide_folder: Path, num_workers: int) -> None:
+    per_sample = list(DataLoader(make(slide_folder), batch_size=32, num_workers=num_workers))
+    batched = list(DataLoader(make(slide_folder, batch_size=32), batch_size=None, num_workers=num_workers))
+    assert len(batched) == len(per_sample) == 8
+    assert flatten(batched) == flatten(per_sample)
+    first = batched[0]
+    assert first["image"].shape == (32, 3, 64, 64) and first["image"].dtype == torch.uint8
+    assert first["x"].dtype == torch.int64 and first["mpp"].dtype == torch.float64
+    assert isinstance(first["patient_id"], list) and len(set(first["patient_id"])) >= 2  # mixing
+
+
+def test_exact_len_with_a_partial_last_batch(slide_folder: Path) -> None:
+    ds = make(slide_folder, batch_size=64, samples_per_epoch=200)
+    loader = DataLoader(ds, batch_size=None, num_workers=2)
+    batches = list(loader)
+    assert len(ds) == len(loader) == len(batches) == 4
+    assert [len(b["x"]) for b in batches] == [64, 64, 64, 8]
+
+
+def test_batched_quota_deals_whole_batches() -> None:
+    for total, size, workers in [(200, 64, 2), (256, 32, 3), (10, 4, 4), (64, 64, 2), (1, 8, 3)]:
+        quotas = [batched_quota(total, size, workers, w) for w in range(workers)]
+        assert sum(quotas) == total
+        assert sum(-(-q // size) for q in quotas) == -(-total // size)  # no extra partial batches
+
+
+def test_batches_from_workers_arrive_in_shared_memory(slide_folder: Path) -> None:
+    batch = next(iter(DataLoader(make(slide_folder, batch_size=16), batch_size=None, num_workers=2)))
+    assert batch["image"].is_shared()
+
+
+def test_transform_gets_the_whole_batch(slide_folder: Path) -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def to_float(images: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(images.shape))
+        return images.float() / 255
+
+    batch = next(iter(make(slide_folder, batch_size=16, transform=to_float)))
+    assert seen == [(16, 3, 64, 64)] and batch["image"].dtype == torch.float32
+
+
+class RaggedCollector(bst.RandomCropCollector):
+    def extract_smallchunk(self, call_count: int, bigchunk: BigChunk, ctx: ChunkContext) -> SmallChunk | None:
+        small = super().extract_smallchunk(call_count, bigchunk, ctx)
+        if small is not None and call_count % 2:
+            small.data = small.data[:32]
+        return small
+
+
+def test_unequal_patch_shapes_are_refused(slide_folder: Path) -> None:
+    with pytest.raises(bst.ExtractorError, match="batched mode needs equal patch shapes"):
+        list(make(slide_folder, batch_size=16, collector=RaggedCollector(64)))
+
+
+def test_bad_batch_size(slide_folder: Path) -> None:
+    with pytest.raises(bst.ConfigError, match="batch_size must be an int >= 1, got 0"):
+        make(slide_folder, batch_size=0)
+
+
+def test_pixels_of_batched_mode_match_the_reader(slide_folder: Path) -> None:
+    readers: dict[str, bst.SlideReader] = {}
+    for batch in make(slide_folder, batch_size=16, samples_per_epoch=32):
+        for i, pid in enumerate(batch["patient_id"]):
+            reader = readers.setdefault(pid, bst.open_slide(slide_folder / f"{pid}.tiff"))
+            expected = reader.read(int(batch["x"][i]), int(batch["y"][i]), 0, 64, 64)
+            assert np.array_equal(batch["image"][i].permute(1, 2, 0).numpy(), expected)
