@@ -26,6 +26,13 @@ from .errors import (
 from .loaders import RandomRegionLoader
 from .reservoir import OnError
 from .resolution import LevelChoice, Resolution
+from .schedulers import (
+    Candidate,
+    LabelBalancedScheduler,
+    LeastVisitedScheduler,
+    Scheduler,
+    WeightedScheduler,
+)
 from .slide import Backend, SlideCache, SlideInfo, SlideReader, open_slide, slide_info
 from .tissue import TissueDetector, TissueMask, render_tissue, tissue_mask
 
@@ -35,11 +42,14 @@ __all__ = [
     "BigChunkLoader",
     "BigSmallDataset",
     "BigSmallError",
+    "Candidate",
     "ChunkContext",
     "ConfigError",
     "Dataset",
     "DatasetError",
     "ExtractorError",
+    "LabelBalancedScheduler",
+    "LeastVisitedScheduler",
     "LevelChoice",
     "MissingDependencyError",
     "OnError",
@@ -48,6 +58,7 @@ __all__ = [
     "RandomRegionLoader",
     "Record",
     "Resolution",
+    "Scheduler",
     "SlideCache",
     "SlideError",
     "SlideInfo",
@@ -59,6 +70,7 @@ __all__ = [
     "StreamError",
     "TissueDetector",
     "TissueMask",
+    "WeightedScheduler",
     "__version__",
     "open_slide",
     "render_tissue",

@@ -6,6 +6,7 @@ A *shard* is what one (rank, worker) pair owns in one epoch. Shards are numbered
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,18 +80,30 @@ def split_evenly(total: int, parts: int, index: int) -> int:
 
 
 def assign_shards(
-    num_patients: int, num_shards: int, *, seed: int, epoch: int
+    num_patients: int,
+    num_shards: int,
+    *,
+    seed: int,
+    epoch: int,
+    labels: Sequence[Hashable] | None = None,
 ) -> list[list[tuple[int, int, int]]]:
     """Which patients each shard owns in ``epoch``.
 
     Returns, per shard, a list of ``(patient_index, part, parts)``. The patients are permuted from
     ``(seed, epoch)`` and dealt round-robin, so each patient belongs to exactly one shard and the
-    assignment changes every epoch. With fewer patients than shards, patient ``p`` is shared by the
+    assignment changes every epoch. With ``labels`` (one per patient) the permutation is grouped by
+    label before dealing, so every shard gets a share of each label. With fewer patients than shards, patient ``p`` is shared by the
     ``parts`` shards dealt to it, each owning a disjoint part (``part`` of ``parts``) of its slide.
     """
     if num_patients < 1:
         raise ConfigError(f"cannot shard {num_patients} patients: need at least one")
     order = derive_rng(_SHARDS, seed, epoch).permutation(num_patients)
+    if labels is not None:
+        if len(labels) != num_patients:
+            raise ConfigError(f"labels has {len(labels)} entries for {num_patients} patients")
+        groups = sorted({labels[i] for i in order}, key=repr)
+        rank = {label: g for g, label in enumerate(groups)}
+        order = np.array(sorted(order, key=lambda i: rank[labels[i]]), dtype=int)  # stable sort
     shards: list[list[tuple[int, int, int]]] = [[] for _ in range(num_shards)]
     if num_patients >= num_shards:
         for position, patient in enumerate(order):

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .data import Patient
+from .messages import MessageBoard
 from .slide import SlideCache, SlideReader
 
 __all__ = [
@@ -90,8 +91,15 @@ class ChunkContext:
     state: MutableMapping[str, Any]
     slides: SlideCache
     part: tuple[int, int] = (0, 1)
-    message: Any = None
+    board: MessageBoard | None = None
+    patient_id: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def message(self) -> Any:
+        """The last message the training loop sent about this patient (None if none): read at each
+        access, so a collector sees a new message at its next call."""
+        return None if self.board is None else self.board.message(self.patient_id)
 
     def slide(self, patient: Patient, record_key: str = "wsi") -> SlideReader:
         """The open reader of ``patient``'s record ``record_key``."""

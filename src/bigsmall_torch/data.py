@@ -2,20 +2,32 @@
 
 A :class:`Patient` owns one or more :class:`Record` objects (for example a H&E slide under ``"wsi"``
 and an IHC slide under ``"ihc"``), an optional label and free-form info. A :class:`Dataset` is a named,
-ordered collection of patients with unique ids.
+ordered collection of patients with unique ids; it is built from a folder or a CSV manifest, and can
+be split (optionally stratified by label), label-balanced by repetition and subset by id.
 """
 
 from __future__ import annotations
 
+import csv
+import math
+import numbers
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import ConfigError, DatasetError
 
 __all__ = ["Dataset", "Patient", "Record"]
+
+# Domain tags: the first key of a seed sequence, so split and balance streams differ for one seed.
+_SPLIT_STREAM = 11
+_BALANCE_STREAM = 12
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,9 @@ class Record:
 
     def __init__(self, path: str | os.PathLike[str], info: Mapping[str, Any] | None = None) -> None:
         if not isinstance(path, (str, os.PathLike)):
-            raise ConfigError(f"Record: path must be a str or os.PathLike, got {type(path).__name__}")
+            raise ConfigError(
+                f"Record: path must be a str or os.PathLike, got {type(path).__name__}"
+            )
         object.__setattr__(self, "path", Path(path))
         object.__setattr__(self, "info", dict(info) if info is not None else {})
 
@@ -149,6 +163,119 @@ class Dataset:
         ]
         return cls(name if name is not None else folder.resolve().name, patients)
 
+    @classmethod
+    def from_csv(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        id_column: str = "patient_id",
+        label_column: str | None = "label",
+        record_columns: Sequence[str] = ("wsi",),
+        root: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        check_files: bool = True,
+    ) -> Dataset:
+        """One patient per row of a CSV manifest (UTF-8, with a header row).
+
+        Each of ``record_columns`` holds a file path, relative paths being resolved against ``root``
+        (default: the CSV's folder, made absolute); an empty cell means the patient has no such
+        record, but every patient needs at least one. ``label_column`` may be absent from the file
+        (labels are then None); an empty label cell gives None. Every other column is kept, as a
+        string, in ``patient.info``. Ids (and labels) become ints when every one is an int written
+        plainly (``"7"``, ``"-2"``; an ``"007"`` keeps them all strings), else stay strings. Cells
+        are stripped of surrounding spaces, rows whose cells are all empty are skipped, and columns
+        without a name (e.g. a pandas index) are not kept. A single str ``record_columns`` is one
+        column.
+
+        Raises:
+            ConfigError: ``record_columns`` is empty or repeats/clashes with the id or label column.
+            DatasetError: the CSV is missing or unreadable, lacks the id or a record column, has no
+                rows, rows with too many cells, an empty id, no record, or duplicate ids, or (with
+                ``check_files``) record files that do not exist (all of them are listed).
+        """
+        columns = (record_columns,) if isinstance(record_columns, str) else tuple(record_columns)
+        if (
+            not columns
+            or len(set(columns)) != len(columns)
+            or {id_column, label_column} & set(columns)
+        ):
+            raise ConfigError(
+                "Dataset.from_csv: record_columns must be distinct column names, other than the "
+                f"id column {id_column!r} and label column {label_column!r}, got {record_columns!r}"
+            )
+        csv_path = Path(path)
+        where = f"CSV {str(csv_path)!r}"
+        if not csv_path.is_file():
+            raise DatasetError(f"Dataset.from_csv: {where} does not exist or is not a file")
+        try:
+            with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+                reader = csv.reader(handle)
+                header = [cell.strip() for cell in next(reader, [])]
+                rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise DatasetError(f"{where} cannot be read as a UTF-8 CSV file: {exc}") from exc
+        repeated = sorted(c for c, n in Counter(header).items() if n > 1 and c)
+        if repeated:
+            raise DatasetError(f"{where}: the header repeats the columns {repeated}")
+        missing_columns = [c for c in (id_column, *columns) if c not in header]
+        if missing_columns:
+            raise DatasetError(
+                f"{where} has no column(s) {missing_columns}; its columns are {header}"
+            )
+        if not rows:
+            raise DatasetError(f"{where} has no patient rows")
+        too_long = [line for line, row in rows if len(row) > len(header)]
+        if too_long:
+            raise DatasetError(
+                f"{where}: lines {too_long} have more cells than the header ({len(header)})"
+            )
+        table = [
+            (line, dict(zip_longest(header, (c.strip() for c in row), fillvalue="")))
+            for line, row in rows
+        ]
+        no_id = [line for line, cells in table if not cells[id_column]]
+        if no_id:
+            raise DatasetError(f"{where}: lines {no_id} have an empty {id_column!r}")
+        no_record = [line for line, cells in table if not any(cells[c] for c in columns)]
+        if no_record:
+            raise DatasetError(
+                f"{where}: lines {no_record} have none of the records {list(columns)}"
+            )
+        ids = _ints_or_strs([cells[id_column] for _, cells in table])
+        lines_of: dict[int | str, list[int]] = {}
+        for patient_id, (line, _) in zip(ids, table, strict=True):
+            lines_of.setdefault(patient_id, []).append(line)
+        duplicates = [f"{i!r} (lines {lines})" for i, lines in lines_of.items() if len(lines) > 1]
+        if duplicates:
+            raise DatasetError(f"{where}: duplicate patient ids {', '.join(duplicates)}")
+        labels: list[Any] = [None] * len(table)
+        if label_column is not None and label_column in header:
+            texts = [cells[label_column] for _, cells in table]
+            parsed = iter(_ints_or_strs([text for text in texts if text]))
+            labels = [next(parsed) if text else None for text in texts]
+        base = (Path(root) if root is not None else csv_path.parent).absolute()
+        info_columns = [c for c in header if c and c not in (id_column, label_column, *columns)]
+        patients, missing_files = [], []
+        for patient_id, label, (line, cells) in zip(ids, labels, table, strict=True):
+            records = {}
+            for column in columns:
+                if cells[column]:
+                    given = Path(cells[column])
+                    file = given if given.is_absolute() else base / given
+                    records[column] = Record(file)
+                    if check_files and not file.exists():
+                        missing_files.append(
+                            f"line {line}, patient {patient_id!r}, {column!r}: {file}"
+                        )
+            info = {c: cells[c] for c in info_columns}
+            patients.append(Patient(patient_id, records, label, info))
+        if missing_files:
+            raise DatasetError(
+                f"{where}: {len(missing_files)} record file(s) not found (relative paths are "
+                f"resolved against {str(base)!r}, see root=):\n  " + "\n  ".join(missing_files)
+            )
+        return cls(name if name is not None else csv_path.stem, patients)
+
     def __len__(self) -> int:
         return len(self.patients)
 
@@ -160,3 +287,161 @@ class Dataset:
 
     def __repr__(self) -> str:
         return f"Dataset(name={self.name!r}, patients={len(self.patients)})"
+
+    def labels(self) -> Counter[Any]:
+        """Patients per label (None counts the unlabelled ones), labels in order of first use."""
+        return Counter(patient.label for patient in self.patients)
+
+    def subset(self, ids: Iterable[int | str], *, name: str | None = None) -> Dataset:
+        """The patients with the given ids, in this dataset's order (repeated ids count once).
+
+        Raises:
+            DatasetError: some ids are not in this dataset (all of them are listed).
+        """
+        if isinstance(ids, (str, int)):
+            raise ConfigError(
+                f"Dataset.subset: ids must be an iterable of patient ids, got {ids!r}"
+            )
+        wanted = dict.fromkeys(ids)
+        unknown = [i for i in wanted if i not in {patient.id for patient in self.patients}]
+        if unknown:
+            raise DatasetError(f"Dataset {self.name!r} has no patients with ids {unknown}")
+        return Dataset(name if name is not None else self.name, [p for p in self if p.id in wanted])
+
+    def split(
+        self, percentages: Mapping[str, float], *, seed: int = 0, stratify: bool = False
+    ) -> dict[str, Dataset]:
+        """Split the patients into disjoint datasets, e.g. ``{"train": 70, "val": 15, "test": 15}``.
+
+        Patients are shuffled from ``seed`` and each split gets ``len(self) * pct / 100`` of them,
+        rounded by largest remainder (ties go to the split named first) so the sizes add up. With
+        ``stratify`` each label group is split that way, so every split keeps the label proportions
+        (each label within one patient of its exact share). Patients keep this dataset's order
+        within a split; the split datasets are named ``f"{self.name}/{split_name}"``.
+
+        Raises:
+            ConfigError: a percentage is not a number > 0, or they do not sum to 100.
+            DatasetError: a split would get no patient, or ``stratify`` and a patient has no label.
+        """
+        fractions = _check_percentages(percentages)
+        rng = _rng(_SPLIT_STREAM, seed, "Dataset.split")
+        if stratify:
+            groups = list(self._label_groups("split(stratify=True)").values())
+        else:
+            groups = [list(range(len(self.patients)))]
+        shares = list(fractions.values())
+        chosen: list[list[int]] = [[] for _ in shares]
+        # Quota minus patients given so far, per split: breaks ties in favour of splits behind.
+        deficit = [0.0] * len(shares)
+        for group in groups:
+            order = [group[k] for k in rng.permutation(len(group))]
+            start = 0
+            for j, size in enumerate(_largest_remainder(len(group), shares, deficit)):
+                chosen[j].extend(order[start : start + size])
+                deficit[j] += len(group) * shares[j] - size
+                start += size
+        for split_name, members in zip(fractions, chosen, strict=True):
+            if not members:
+                raise DatasetError(
+                    f"Dataset {self.name!r}: split {split_name!r} ({percentages[split_name]}%) "
+                    f"would get none of the {len(self)} patients; use fewer splits or more patients"
+                )
+        return {
+            split_name: Dataset(
+                f"{self.name}/{split_name}", [self.patients[i] for i in sorted(members)]
+            )
+            for split_name, members in zip(fractions, chosen, strict=True)
+        }
+
+    def balance_by_repeat(self, *, seed: int = 0) -> Dataset:
+        """A dataset in which every label has as many patients as the largest label group.
+
+        The patients of a smaller group are repeated by cycling through a permutation of the group
+        drawn from ``seed``: whole rounds first, then the start of the permutation. The k-th
+        repetition of patient ``p`` (k = 1, 2, ...) gets the id ``f"{p.id}#{k}"`` (ids must stay
+        unique), the same records and label, and ``p``'s info plus ``info["repeat_of"] = p.id``.
+        The original patients come first, in order, then the repetitions; the name is kept.
+
+        Raises:
+            DatasetError: a patient has no label.
+        """
+        rng = _rng(_BALANCE_STREAM, seed, "Dataset.balance_by_repeat")
+        groups = self._label_groups("balance_by_repeat")
+        target = max((len(group) for group in groups.values()), default=0)
+        repeats: list[Patient] = []
+        for group in groups.values():
+            order = rng.permutation(len(group))
+            times: Counter[int] = Counter()
+            for k in range(target - len(group)):
+                index = group[order[k % len(group)]]
+                times[index] += 1
+                p = self.patients[index]
+                info = {**p.info, "repeat_of": p.id}
+                repeats.append(Patient(f"{p.id}#{times[index]}", p.records, p.label, info))
+        return Dataset(self.name, [*self.patients, *repeats])
+
+    def _label_groups(self, what: str) -> dict[Any, list[int]]:
+        """Patient indices by label, labels in order of first use; every patient needs a label."""
+        unlabelled = [patient.id for patient in self.patients if patient.label is None]
+        if unlabelled:
+            raise DatasetError(
+                f"Dataset {self.name!r}: {what} needs a label on every patient; "
+                f"patients without a label: {unlabelled}"
+            )
+        groups: dict[Any, list[int]] = {}
+        for index, patient in enumerate(self.patients):
+            groups.setdefault(patient.label, []).append(index)
+        return groups
+
+
+def _ints_or_strs(texts: list[str]) -> list[int | str]:
+    """The texts as ints if each is an int written plainly (``str(int(t)) == t``), else as strs."""
+    try:
+        values: list[int | str] = [int(text) for text in texts]
+    except ValueError:
+        return list(texts)
+    return values if all(str(v) == t for v, t in zip(values, texts, strict=True)) else list(texts)
+
+
+def _rng(stream: int, seed: int, where: str) -> np.random.Generator:
+    """The generator of ``stream`` for ``seed`` (an int >= 0)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ConfigError(f"{where}: seed must be an int >= 0, got {seed!r}")
+    return np.random.default_rng(np.random.SeedSequence([stream, int(seed)]))
+
+
+def _check_percentages(percentages: Mapping[str, float]) -> dict[str, float]:
+    """Split name -> fraction of the patients (summing to 1), from percentages summing to 100."""
+    if not isinstance(percentages, Mapping) or not percentages:
+        raise ConfigError(
+            "Dataset.split: percentages must be a non-empty dict of split name -> percentage, "
+            f"e.g. {{'train': 70, 'val': 15, 'test': 15}}, got {percentages!r}"
+        )
+    for split_name, pct in percentages.items():
+        if not isinstance(split_name, str) or not split_name:
+            raise ConfigError(
+                f"Dataset.split: split names must be non-empty str, got {split_name!r}"
+            )
+        if isinstance(pct, bool) or not isinstance(pct, numbers.Real) or not 0 < pct < math.inf:
+            raise ConfigError(
+                f"Dataset.split: percentages[{split_name!r}] must be > 0, got {pct!r}"
+            )
+    total = math.fsum(float(pct) for pct in percentages.values())
+    if not math.isclose(total, 100.0, abs_tol=1e-6):
+        raise ConfigError(
+            f"Dataset.split: percentages must sum to 100, got {total:g} from {dict(percentages)}"
+        )
+    return {split_name: float(pct) / total for split_name, pct in percentages.items()}
+
+
+def _largest_remainder(n: int, fractions: list[float], deficit: list[float]) -> list[int]:
+    """``n`` cut into parts of about ``n * fraction`` that add up to ``n``: floors, then one more to
+    the largest remainders (ties to the largest ``deficit``, then to the first)."""
+    quotas = [round(n * f, 9) for f in fractions]
+    sizes = [math.floor(q) for q in quotas]
+    ranked = sorted(
+        range(len(sizes)), key=lambda j: (-round(quotas[j] - sizes[j], 9), -round(deficit[j], 9), j)
+    )
+    for j in ranked[: n - sum(sizes)]:
+        sizes[j] += 1
+    return sizes

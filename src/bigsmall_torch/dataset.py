@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -22,7 +23,9 @@ from ._validate import positive_int
 from .chunks import BigChunkLoader, SmallChunk, SmallChunkCollector
 from .data import Dataset
 from .errors import ConfigError
+from .messages import MessageBoard
 from .reservoir import OnError, Reservoir
+from .schedulers import LabelBalancedScheduler, LeastVisitedScheduler, Scheduler
 from .slide import Backend, SlideCache
 
 __all__ = ["BigSmallDataset", "to_sample"]
@@ -68,6 +71,9 @@ class BigSmallDataset(IterableDataset[Sample]):
             header once in this process).
         rank, world_size: the distributed position; by default read from torch.distributed when it is
             initialised (at construction, :meth:`set_epoch` and ``len()``), else 0 and 1.
+        scheduler: picks the patient of each next big chunk, per worker (default
+            :class:`~bigsmall_torch.LeastVisitedScheduler`; also :class:`~bigsmall_torch.LabelBalancedScheduler`,
+            :class:`~bigsmall_torch.WeightedScheduler`, or a subclass of :class:`~bigsmall_torch.Scheduler`).
         batch_size: batched mode: yield whole batches built in the worker (use
             ``DataLoader(ds, batch_size=None)``): ``image`` is one ``[n, C, H, W]`` uint8 tensor written
             in shared memory, metadata are collated tensors/lists, ``transform`` gets the whole batch
@@ -98,6 +104,7 @@ class BigSmallDataset(IterableDataset[Sample]):
         rank: int | None = None,
         world_size: int | None = None,
         batch_size: int | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(dataset, Dataset):
@@ -118,6 +125,14 @@ class BigSmallDataset(IterableDataset[Sample]):
         )
         self.prefetch = positive_int("prefetch", prefetch)
         self.batch_size = None if batch_size is None else positive_int("batch_size", batch_size)
+        if scheduler is not None and not isinstance(scheduler, Scheduler):
+            raise ConfigError(f"scheduler must be a bigsmall_torch.Scheduler, got {type(scheduler).__name__}")
+        self.scheduler = scheduler if scheduler is not None else LeastVisitedScheduler()
+        if isinstance(self.scheduler, LabelBalancedScheduler):
+            missing = [p.id for p in dataset.patients if p.label is None]
+            if missing:
+                raise ConfigError(f"LabelBalancedScheduler needs a label on every patient; unlabelled: {missing[:10]}")
+        self.board = MessageBoard()
         if transform is not None and not callable(transform):
             raise ConfigError(f"transform must be callable or None, got {transform!r}")
         self.transform = transform
@@ -167,6 +182,41 @@ class BigSmallDataset(IterableDataset[Sample]):
                 f"{self.world_size}, so that every rank gets the same number of samples"
             )
 
+    # -- messages from the training loop ----------------------------------------------------------
+
+    def _check_ids(self, ids: Iterable[Any], what: str) -> None:
+        known = {p.id for p in self.dataset.patients}
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise ConfigError(f"{what}: unknown patient ids {unknown[:10]}")
+
+    def send_message(self, patient_id: Any, message: Any) -> None:
+        """Send ``message`` (any picklable object) about a patient to the running loaders.
+
+        The last message per patient wins. Collectors see it at their next call
+        (``ctx.message``); loaders at the next big chunk they start loading (chunks already
+        prefetched were loaded with the message they saw). It reaches workers that are running,
+        persistent or not, forked or spawned, without restarting them.
+        """
+        self.send_messages({patient_id: message})
+
+    def send_messages(self, messages: Mapping[Any, Any]) -> None:
+        """Several :meth:`send_message` at once (one write)."""
+        self._check_ids(messages, "send_messages")
+        self.board.send(messages)
+
+    def set_weights(self, weights: Mapping[Any, float]) -> None:
+        """Per-patient sampling weights (patient id -> weight >= 0) for the scheduler, while running.
+
+        :class:`~bigsmall_torch.WeightedScheduler` draws patients in proportion to them; every
+        built-in scheduler skips patients of weight 0. Seen at the next big chunk each worker schedules.
+        """
+        self._check_ids(weights, "set_weights")
+        for key, value in weights.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"set_weights: weight of {key!r} must be a number >= 0, got {value!r}")
+        self.board.set_weights(weights)
+
     @property
     def epoch(self) -> int:
         return int(self._epoch[0])
@@ -208,7 +258,12 @@ class BigSmallDataset(IterableDataset[Sample]):
     def make_reservoir(self, topo: Topology) -> Reservoir:
         """The reservoir of shard ``topo`` for the current epoch."""
         epoch = self.epoch
-        shards = assign_shards(len(self.dataset), topo.num_shards, seed=self.seed, epoch=epoch)
+        labels = [p.label for p in self.dataset.patients]
+        stratify = all(label is not None and isinstance(label, Hashable) for label in labels)
+        shards = assign_shards(
+            len(self.dataset), topo.num_shards, seed=self.seed, epoch=epoch,
+            labels=labels if stratify else None,
+        )
         owned = [(self.dataset.patients[i], (part, parts)) for i, part, parts in shards[topo.shard]]
         return Reservoir(
             owned,
@@ -221,6 +276,8 @@ class BigSmallDataset(IterableDataset[Sample]):
             states=self._states,
             slides=self.slides,
             on_error=self.on_error,
+            scheduler=copy.deepcopy(self.scheduler),
+            board=self.board,
         )
 
     def __iter__(self) -> Iterator[Any]:

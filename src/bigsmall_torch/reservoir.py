@@ -23,6 +23,8 @@ from ._sharding import RESERVOIR, derive_seed
 from .chunks import BigChunk, BigChunkLoader, ChunkContext, SmallChunk, SmallChunkCollector
 from .data import Patient
 from .errors import ExtractorError, SlideError, StreamError
+from .messages import MessageBoard
+from .schedulers import Candidate, LeastVisitedScheduler, Scheduler
 from .slide import SlideCache
 
 __all__ = ["OnError", "Reservoir", "ReservoirStats"]
@@ -58,16 +60,6 @@ class _Done:
     pass
 
 
-@dataclass
-class _Owned:
-    """A patient this reservoir owns, with the part of it (see :func:`assign_shards`)."""
-
-    patient: Patient
-    part: tuple[int, int]
-    visits: int = 0
-    skipped: bool = False
-
-
 class _LoaderThread(threading.Thread):
     """Loads big chunks in scheduler order and puts them into a bounded queue."""
 
@@ -76,6 +68,9 @@ class _LoaderThread(threading.Thread):
         self.r = reservoir
         self.out: queue.Queue[BigChunk | _Failure | _Done] = queue.Queue(maxsize=reservoir.prefetch)
         self.stop = threading.Event()
+        self._initial: list[Candidate] = []
+        self._initial_done = False
+        self._warned_weights = False
 
     def _put(self, item: BigChunk | _Failure | _Done) -> bool:
         while not self.stop.is_set():
@@ -86,46 +81,69 @@ class _LoaderThread(threading.Thread):
                 continue
         return False
 
-    def _next_owned(self) -> _Owned | None:
-        """Least-visited patient first, ties broken at random (every patient is visited early and evenly)."""
-        live = [o for o in self.r.owned if not o.skipped]
-        if not live:
-            return None
-        fewest = min(o.visits for o in live)
-        candidates = [o for o in live if o.visits == fewest]
-        return candidates[int(self.r.loader_rng.integers(len(candidates)))]
+    def _next(self) -> Candidate | None:
+        r = self.r
+        live = [c for c in r.candidates if not r.is_skipped(c)]
+        if r.board is not None:
+            weights = r.board.weights()
+            for c in live:
+                c.weight = float(weights.get(c.patient.id, r.default_weight(c)))
+        if live and not any(c.weight > 0 for c in live):
+            # Every patient this worker owns weighs 0: the worker cannot stop mid-epoch (that would
+            # shorten it) nor wait (a hang), so it ignores the weights until one is positive.
+            if not self._warned_weights:
+                logger.warning(
+                    "all %d patients of this worker have weight 0; weights ignored in this worker "
+                    "until one is positive", len(live),
+                )
+                self._warned_weights = True
+            for c in live:
+                c.weight = 1.0
+        if not self._initial_done:  # the initial reservoir
+            self._initial_done = True
+            self._initial = r.scheduler.initial_schedule(live, r.buffer_size, r.loader_rng)[::-1]
+        if self._initial:
+            return self._initial.pop()
+        pick = r.scheduler.schedule(live, r.loader_rng)
+        if pick is not None:
+            r.scheduler.note(pick, r.buffer_size)
+        return pick
 
     def run(self) -> None:
         r = self.r
         empty_in_a_row = 0
         try:
             while not self.stop.is_set():
-                owned = self._next_owned()
-                if owned is None:
+                candidate = self._next()
+                if candidate is None:
+                    if all(r.is_skipped(c) for c in r.candidates):
+                        raise StreamError(
+                            f"every patient of this worker's shard was skipped after read errors: "
+                            f"{[s for s, _ in r.stats.skipped]}"
+                        )
                     raise StreamError(
-                        f"every patient of this worker's shard was skipped after read errors: "
-                        f"{[s for s, _ in r.stats.skipped]}"
+                        f"{type(r.scheduler).__name__} scheduled no patient (all weights 0?) among "
+                        f"{[c.patient.id for c in r.candidates][:10]}"
                     )
-                owned.visits += 1
-                ctx = r.context(owned.patient, owned.part, r.loader_rng)
+                ctx = r.context(candidate.patient, candidate.part, r.loader_rng)
                 try:
-                    chunk = r.loader.extract_bigchunk(owned.patient, ctx)
+                    chunk = r.loader.extract_bigchunk(candidate.patient, ctx)
                 except SlideError as exc:
                     if r.on_error is OnError.RAISE:
                         raise
-                    owned.skipped = True
+                    r.skipped_ids.add(candidate.patient.id)
                     r.stats.skipped.append((str(exc.path), exc.reason))
                     logger.warning(
                         "skipping patient %r: %s (%d slide(s) skipped so far in this worker)",
-                        owned.patient.id, exc, len(r.stats.skipped),
+                        candidate.patient.id, exc, len(r.stats.skipped),
                     )
                     continue
                 if chunk is None:
                     empty_in_a_row += 1
-                    if empty_in_a_row >= 2 * len(r.owned) + 8:
+                    if empty_in_a_row >= 2 * len(r.candidates) + 8:
                         raise StreamError(
                             f"{type(r.loader).__name__} returned no big chunk for {empty_in_a_row} "
-                            f"requests in a row (patients {[o.patient.id for o in r.owned][:10]}...)"
+                            f"requests in a row (patients {[c.patient.id for c in r.candidates][:10]}...)"
                         )
                     continue
                 if not isinstance(chunk, BigChunk):
@@ -154,6 +172,8 @@ class Reservoir:
         states: per-patient state dicts (kept by the caller so they survive epochs).
         slides: the worker's open slides.
         on_error: policy for slides that fail to read.
+        scheduler: picks the patient of each next big chunk (default least-visited first).
+        board: messages and weights from the training loop.
     """
 
     def __init__(
@@ -169,9 +189,13 @@ class Reservoir:
         states: dict[Any, dict[str, Any]],
         slides: SlideCache,
         on_error: OnError = OnError.RAISE,
-        messages: Any = None,
+        scheduler: Scheduler | None = None,
+        board: MessageBoard | None = None,
     ) -> None:
-        self.owned = [_Owned(p, part) for p, part in owned]
+        self.candidates = [Candidate(p, part=part) for p, part in owned]
+        self.scheduler = scheduler if scheduler is not None else LeastVisitedScheduler()
+        self.board = board
+        self.skipped_ids: set[Any] = set()
         self.loader = loader
         self.collector = collector
         self.buffer_size = buffer_size
@@ -183,16 +207,23 @@ class Reservoir:
         self.states = states
         self.slides = slides
         self.on_error = on_error
-        self.messages = messages
         self.stats = ReservoirStats()
         self._thread: _LoaderThread | None = None
+
+    def is_skipped(self, candidate: Candidate) -> bool:
+        return candidate.patient.id in self.skipped_ids
+
+    def default_weight(self, candidate: Candidate) -> float:
+        weights = getattr(self.scheduler, "weights", None)
+        return float(weights.get(candidate.patient.id, 1.0)) if isinstance(weights, dict) else 1.0
 
     def context(
         self, patient: Patient, part: tuple[int, int], rng: np.random.Generator
     ) -> ChunkContext:
-        message = self.messages.get(patient.id) if self.messages is not None else None
         state = self.states.setdefault(patient.id, {})
-        return ChunkContext(rng=rng, state=state, slides=self.slides, part=part, message=message)
+        return ChunkContext(
+            rng=rng, state=state, slides=self.slides, part=part, board=self.board, patient_id=patient.id
+        )
 
     def _take(self, thread: _LoaderThread) -> BigChunk:
         while True:
@@ -254,7 +285,7 @@ class Reservoir:
                 contexts[slot] = self._chunk_context(resident[slot])
 
     def _chunk_context(self, chunk: BigChunk) -> ChunkContext:
-        owned = next((o for o in self.owned if o.patient is chunk.patient), None)
+        owned = next((c for c in self.candidates if c.patient is chunk.patient), None)
         part = owned.part if owned is not None else (0, 1)
         return self.context(chunk.patient, part, self.collector_rng)
 
