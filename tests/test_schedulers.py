@@ -86,7 +86,7 @@ def test_custom_scheduler_subclass(slide_folder: Path) -> None:
 
 
 def test_bad_scheduler_arguments(slide_folder: Path) -> None:
-    with pytest.raises(bst.ConfigError, match="scheduler must be a bigsmall_torch.Scheduler"):
+    with pytest.raises(bst.ConfigError, match=r"scheduler must be a bigsmall_torch\.Scheduler"):
         run(patients(slide_folder, [None]), 8, scheduler="least-visited")
     with pytest.raises(bst.ConfigError, match=r"weight of .p0. must be a number >= 0"):
         bst.WeightedScheduler({"p0": -1})
