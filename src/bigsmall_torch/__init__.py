@@ -33,6 +33,7 @@ from .schedulers import (
     Scheduler,
     WeightedScheduler,
 )
+from .sliding import Edge, Grid, SlidingWindowDataset
 from .slide import Backend, SlideCache, SlideInfo, SlideReader, open_slide, slide_info
 from .tissue import TissueDetector, TissueMask, render_tissue, tissue_mask
 
@@ -47,7 +48,9 @@ __all__ = [
     "ConfigError",
     "Dataset",
     "DatasetError",
+    "Edge",
     "ExtractorError",
+    "Grid",
     "LabelBalancedScheduler",
     "LeastVisitedScheduler",
     "LevelChoice",
@@ -65,6 +68,7 @@ __all__ = [
     "SlideOpenError",
     "SlideReadError",
     "SlideReader",
+    "SlidingWindowDataset",
     "SmallChunk",
     "SmallChunkCollector",
     "StreamError",

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ._validate import size_pair
 from .chunks import BigChunk, BigChunkLoader, ChunkContext, channel_planar
 from .data import Patient
 from .errors import ConfigError
-from .resolution import DEFAULT_TOLERANCE, LevelChoice, Resolution, resample
+from .resolution import DEFAULT_TOLERANCE, LevelChoice, Resolution, extent, read_at
 from .slide import SlideCache, SlideInfo, SlideReader
 from .tissue import TissueDetector, _skimage, tissue_mask
 
@@ -98,10 +96,7 @@ class RandomRegionLoader(BigChunkLoader):
 
     def extent(self, info: SlideInfo) -> tuple[int, int]:
         """``(width, height)`` of the slide in pixels of the asked resolution."""
-        choice = self.choice(info)
-        if not choice.resampled:
-            return info.level_dimensions[choice.level]
-        return int(info.dimensions[0] // choice.downsample), int(info.dimensions[1] // choice.downsample)
+        return extent(info, self.choice(info))
 
     def validate(self, patient: Patient, slides: SlideCache) -> None:
         info = slides.get(patient.record(self.record_key).path).info
@@ -152,15 +147,7 @@ class RandomRegionLoader(BigChunkLoader):
             ox = bx + int(ctx.rng.integers(0, bw - w + 1))
             oy = by + int(ctx.rng.integers(0, bh - h + 1))
         x0, y0 = round(ox * choice.downsample), round(oy * choice.downsample)
-        if not choice.resampled:
-            data = reader.read(x0, y0, choice.level, w, h)
-        else:
-            level_ds = info.level_downsamples[choice.level]
-            lw, lh = info.level_dimensions[choice.level]
-            lx, ly = round(x0 / level_ds), round(y0 / level_ds)
-            rw = min(math.ceil(w * choice.scale), lw - lx)
-            rh = min(math.ceil(h * choice.scale), lh - ly)
-            data = resample(reader.read(x0, y0, choice.level, rw, rh), w, h)
+        data = read_at(reader, choice, ox, oy, w, h)
         chunk_info = {
             "x": x0,
             "y": y0,

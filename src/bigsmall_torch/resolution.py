@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError, SlideError
-from .slide import SlideInfo
+from .slide import SlideInfo, SlideReader
 
-__all__ = ["DEFAULT_TOLERANCE", "LevelChoice", "Resolution", "resample"]
+__all__ = ["DEFAULT_TOLERANCE", "LevelChoice", "Resolution", "extent", "read_at", "resample"]
 
 DEFAULT_TOLERANCE = 0.05
 
@@ -123,6 +123,31 @@ class Resolution:
         if abs(ds / target - 1) <= self.tolerance:
             return LevelChoice(level, ds, 1.0, base_mpp * ds)
         return LevelChoice(level, target, target / ds, base_mpp * target)
+
+
+def extent(info: SlideInfo, choice: LevelChoice) -> tuple[int, int]:
+    """``(width, height)`` of a slide in pixels of the chosen resolution."""
+    if not choice.resampled:
+        return info.level_dimensions[choice.level]
+    return int(info.dimensions[0] // choice.downsample), int(info.dimensions[1] // choice.downsample)
+
+
+def read_at(reader: SlideReader, choice: LevelChoice, x: int, y: int, width: int, height: int) -> np.ndarray:
+    """The ``height x width`` region whose top-left is ``(x, y)`` in pixels of the chosen resolution.
+
+    Read from ``choice.level`` and resampled when the level's scale differs from the asked one. The
+    region must lie inside :func:`extent`.
+    """
+    x0, y0 = round(x * choice.downsample), round(y * choice.downsample)
+    if not choice.resampled:
+        return reader.read(x0, y0, choice.level, width, height)
+    info = reader.info
+    level_ds = info.level_downsamples[choice.level]
+    lw, lh = info.level_dimensions[choice.level]
+    lx, ly = round(x0 / level_ds), round(y0 / level_ds)
+    rw = min(math.ceil(width * choice.scale), lw - lx)
+    rh = min(math.ceil(height * choice.scale), lh - ly)
+    return resample(reader.read(x0, y0, choice.level, rw, rh), width, height)
 
 
 def resample(image: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -1,0 +1,393 @@
+"""Sliding-window inference: every grid position of every slide exactly once, read block by block.
+
+``SlidingWindowDataset`` lays a grid of windows over each slide (patch size, stride, resolution,
+optional tissue filter), orders the windows slide by slide and block by block (a block is a big
+chunk: the windows whose union fits in about ``block_size`` pixels), and cuts that order into
+contiguous ranges: first one per distributed rank, then one per DataLoader worker. Every window is
+emitted exactly once whatever the numbers of ranks and workers, ``len()`` is exact, and each block is
+read once (twice where a range boundary cuts it), so each compressed tile is decoded about once,
+not once per window.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from ._batching import BatchBuilder, batch_count
+from ._sharding import current_topology, distributed_rank_and_world, split_evenly
+from ._validate import positive_int, size_pair
+from .chunks import SmallChunk, channel_planar
+from .data import Dataset, Patient
+from .dataset import to_sample
+from .errors import ConfigError, SlideError
+from .reservoir import OnError
+from .resolution import DEFAULT_TOLERANCE, LevelChoice, Resolution, extent, read_at
+from .slide import Backend, SlideCache
+from .tissue import TissueDetector, _skimage, tissue_mask
+
+__all__ = ["Edge", "Grid", "SlidingWindowDataset"]
+
+logger = logging.getLogger(__name__)
+
+
+class Edge(str, Enum):
+    """What to do with the last partial row/column of windows.
+
+    ``DROP``: windows must fit inside the slide; a remainder narrower than a stride is not covered.
+    ``SHIFT``: add one last window flush with the slide's edge (it overlaps its neighbour).
+    ``PAD``: add one last window that sticks out of the slide; its outside is filled with white.
+    """
+
+    DROP = "drop"
+    SHIFT = "shift"
+    PAD = "pad"
+
+
+def _positions(length: int, patch: int, stride: int, edge: Edge) -> np.ndarray:
+    last = length - patch
+    if last < 0:
+        return np.zeros(1, dtype=np.int64) if edge is Edge.PAD else np.zeros(0, dtype=np.int64)
+    xs = np.arange(0, last + 1, stride, dtype=np.int64)
+    if xs[-1] != last:
+        if edge is Edge.SHIFT:
+            xs = np.append(xs, last)
+        elif edge is Edge.PAD and xs[-1] + stride < length:
+            xs = np.append(xs, xs[-1] + stride)
+    return xs
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The windows of one slide.
+
+    Attributes:
+        patient_id, path: which slide.
+        choice: the level read and the resampling (see :class:`~bigsmall_torch.LevelChoice`).
+        patch_size, stride: ``(width, height)`` in pixels of the asked resolution.
+        extent: the slide's ``(width, height)`` in those pixels.
+        xs, ys: window top-lefts per column / row, in those pixels.
+        include: ``rows x cols`` booleans: which windows are emitted (all, or those on tissue).
+    """
+
+    patient_id: Any
+    path: str
+    choice: LevelChoice
+    patch_size: tuple[int, int]
+    stride: tuple[int, int]
+    extent: tuple[int, int]
+    xs: np.ndarray = field(repr=False)
+    ys: np.ndarray = field(repr=False)
+    include: np.ndarray = field(repr=False)
+
+    @property
+    def rows(self) -> int:
+        return len(self.ys)
+
+    @property
+    def cols(self) -> int:
+        return len(self.xs)
+
+    @property
+    def count(self) -> int:
+        """Windows emitted for this slide."""
+        return int(self.include.sum())
+
+    def level0(self, row: int, col: int) -> tuple[int, int]:
+        """Level-0 ``(x, y)`` of the window at ``(row, col)``."""
+        ds = self.choice.downsample
+        return round(int(self.xs[col]) * ds), round(int(self.ys[row]) * ds)
+
+    def geometry(self) -> dict[str, Any]:
+        """A JSON-ready description, to map grid cells back to slide coordinates."""
+        return {
+            "patient_id": self.patient_id,
+            "path": self.path,
+            "level": self.choice.level,
+            "downsample": self.choice.downsample,
+            "mpp": None if math.isnan(self.choice.mpp) else self.choice.mpp,
+            "patch_size": list(self.patch_size),
+            "stride": list(self.stride),
+            "extent": list(self.extent),
+            "rows": self.rows,
+            "cols": self.cols,
+            "x0": [round(int(x) * self.choice.downsample) for x in self.xs],
+            "y0": [round(int(y) * self.choice.downsample) for y in self.ys],
+        }
+
+
+@dataclass(frozen=True)
+class _Block:
+    slide: int
+    cells: np.ndarray  # (n, 2) row, col of the emitted windows, row-major
+
+
+class SlidingWindowDataset(IterableDataset[Any]):
+    """Every window of every slide, exactly once across DataLoader workers and distributed ranks.
+
+    Args:
+        dataset: the slides (one record per patient is read: ``record_key``).
+        patch_size: window width and height (an int or a pair), in pixels of the asked resolution.
+        stride: step between windows (an int or a pair); default ``patch_size`` (no overlap).
+        level, mpp, magnification, tolerance: the resolution (see :mod:`bigsmall_torch.resolution`).
+        edge: the last partial row/column (:class:`Edge`): ``"drop"`` (default), ``"shift"``, ``"pad"``.
+        tissue_only: emit only windows whose tissue fraction is at least ``min_tissue``.
+        block_size: side, in pixels of the asked resolution, of the blocks read at once.
+        batch_size: batched mode, as in :class:`~bigsmall_torch.BigSmallDataset` (``len()`` counts
+            batches; only the rank's last batch is partial).
+        transform: applied in the worker to each ``image`` (batched mode: to the batch tensor).
+        on_error: ``"raise"`` (default) or ``"skip"``: a block that fails to read is logged with the
+            windows it would have produced (patient, rows and columns), and they are not emitted.
+        rank, world_size: the distributed position (default: torch.distributed, else 0 and 1).
+
+    Samples carry ``image``, ``patient_id``, level-0 ``x``/``y``, ``level``, ``mpp``, ``row`` and ``col``.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        patch_size: int | tuple[int, int] = 224,
+        stride: int | tuple[int, int] | None = None,
+        *,
+        level: int | None = None,
+        mpp: float | None = None,
+        magnification: float | None = None,
+        tolerance: float = DEFAULT_TOLERANCE,
+        edge: str | Edge = "drop",
+        tissue_only: bool = False,
+        min_tissue: float = 0.5,
+        tissue_detector: TissueDetector | None = None,
+        record_key: str = "wsi",
+        block_size: int = 2048,
+        batch_size: int | None = None,
+        transform: Callable[[torch.Tensor], Any] | None = None,
+        on_error: str | OnError = "raise",
+        backend: str | Backend = "auto",
+        max_open_slides: int = 16,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dataset, Dataset) or len(dataset) == 0:
+            raise ConfigError(f"dataset must be a non-empty bigsmall_torch.Dataset, got {dataset!r}")
+        self.dataset = dataset
+        self.patch_size = size_pair("SlidingWindowDataset: patch_size", patch_size)
+        self.stride = self.patch_size if stride is None else size_pair("SlidingWindowDataset: stride", stride)
+        self.resolution = Resolution.from_args(
+            "SlidingWindowDataset", level=level, mpp=mpp, magnification=magnification, tolerance=tolerance
+        )
+        try:
+            self.edge = Edge(edge)
+        except ValueError:
+            raise ConfigError(f"edge must be one of 'drop', 'shift', 'pad', got {edge!r}") from None
+        if not 0 <= min_tissue <= 1:
+            raise ConfigError(f"min_tissue must be in [0, 1], got {min_tissue!r}")
+        self.tissue_only, self.min_tissue = bool(tissue_only), float(min_tissue)
+        self.tissue_detector = tissue_detector or TissueDetector()
+        if self.tissue_only:
+            _skimage()
+        self.record_key = record_key
+        self.block_size = positive_int("block_size", block_size)
+        self.batch_size = None if batch_size is None else positive_int("batch_size", batch_size)
+        if transform is not None and not callable(transform):
+            raise ConfigError(f"transform must be callable or None, got {transform!r}")
+        self.transform = transform
+        try:
+            self.on_error = OnError(on_error)
+        except ValueError:
+            raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}") from None
+        self.slides = SlideCache(positive_int("max_open_slides", max_open_slides), backend=backend)
+        self._explicit_topology = (rank, world_size)
+        self.rank, self.world_size = distributed_rank_and_world(rank, world_size)
+        self.grids = self._make_grids()
+        self._blocks = [b for i, g in enumerate(self.grids) for b in self._slide_blocks(i, g)]
+        sizes = np.array([len(b.cells) for b in self._blocks], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)])
+
+    # -- the grid --------------------------------------------------------------------------------
+
+    def _make_grids(self) -> list[Grid]:
+        grids = []
+        probe = SlideCache(4, backend=self.slides.backend)
+        try:
+            for patient in self.dataset.patients:
+                reader = probe.get(patient.record(self.record_key).path)
+                choice = self.resolution.choose(reader.info)
+                width, height = extent(reader.info, choice)
+                (pw, ph), (sx, sy) = self.patch_size, self.stride
+                if self.edge is not Edge.PAD and (pw > width or ph > height):
+                    raise ConfigError(
+                        f"SlidingWindowDataset: patch_size={pw}x{ph} is larger than {reader.info.path} at "
+                        f"{self.resolution.describe()} ({width}x{height}); use edge='pad' or a smaller patch"
+                    )
+                xs, ys = _positions(width, pw, sx, self.edge), _positions(height, ph, sy, self.edge)
+                include = np.ones((len(ys), len(xs)), dtype=bool)
+                if self.tissue_only:
+                    mask = tissue_mask(reader, detector=self.tissue_detector)
+                    ds = choice.downsample
+                    for r, y in enumerate(ys):
+                        for c, x in enumerate(xs):
+                            include[r, c] = mask.fraction_in(x * ds, y * ds, pw * ds, ph * ds) >= self.min_tissue
+                grids.append(Grid(patient.id, str(reader.info.path), choice, (pw, ph), (sx, sy),
+                                  (width, height), xs, ys, include))  # fmt: skip
+        finally:
+            probe.close()
+        return grids
+
+    def _slide_blocks(self, slide: int, grid: Grid) -> list[_Block]:
+        (pw, ph), (sx, sy) = grid.patch_size, grid.stride
+        per_col = max(1, (self.block_size - pw) // sx + 1)
+        per_row = max(1, (self.block_size - ph) // sy + 1)
+        blocks = []
+        for r0 in range(0, grid.rows, per_row):
+            for c0 in range(0, grid.cols, per_col):
+                sub = grid.include[r0 : r0 + per_row, c0 : c0 + per_col]
+                rows, cols = np.nonzero(sub)
+                if len(rows):
+                    blocks.append(_Block(slide, np.stack([rows + r0, cols + c0], axis=1)))
+        return blocks
+
+    def grid(self, patient_id: Any) -> Grid:
+        """The grid of ``patient_id``'s slide (available before iterating)."""
+        for grid in self.grids:
+            if grid.patient_id == patient_id:
+                return grid
+        raise ConfigError(f"unknown patient id {patient_id!r}")
+
+    @property
+    def total_windows(self) -> int:
+        """Windows of all slides (all ranks)."""
+        return int(self._offsets[-1])
+
+    # -- splitting the work ----------------------------------------------------------------------
+
+    def _refresh_topology(self) -> None:
+        if torch.utils.data.get_worker_info() is None:
+            self.rank, self.world_size = distributed_rank_and_world(*self._explicit_topology)
+
+    def rank_range(self, rank: int, world_size: int) -> tuple[int, int]:
+        """The windows ``[start, stop)`` (in the global order) of ``rank``."""
+        total = self.total_windows
+        start = sum(split_evenly(total, world_size, r) for r in range(rank))
+        return start, start + split_evenly(total, world_size, rank)
+
+    def worker_range(self, rank: int, world_size: int, worker: int, num_workers: int) -> tuple[int, int]:
+        """The windows ``[start, stop)`` of one worker of one rank (whole batches in batched mode)."""
+        start, stop = self.rank_range(rank, world_size)
+        unit = self.batch_size or 1
+        units = batch_count(stop - start, unit)
+        first = sum(split_evenly(units, num_workers, w) for w in range(worker))
+        mine = split_evenly(units, num_workers, worker)
+        return min(start + first * unit, stop), min(start + (first + mine) * unit, stop)
+
+    def __len__(self) -> int:
+        """Windows (batched mode: batches) of this rank."""
+        self._refresh_topology()
+        start, stop = self.rank_range(self.rank, self.world_size)
+        return stop - start if self.batch_size is None else batch_count(stop - start, self.batch_size)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _read_block(self, block: _Block, cells: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """The pixels covering ``cells`` of ``block`` (white outside the slide), and their top-left."""
+        grid = self.grids[block.slide]
+        (pw, ph), (width, height) = grid.patch_size, grid.extent
+        x0, y0 = int(grid.xs[cells[:, 1].min()]), int(grid.ys[cells[:, 0].min()])
+        x1, y1 = int(grid.xs[cells[:, 1].max()]) + pw, int(grid.ys[cells[:, 0].max()]) + ph
+        reader = self.slides.get(grid.path)
+        inside_w, inside_h = min(x1, width) - x0, min(y1, height) - y0
+        data = read_at(reader, grid.choice, x0, y0, inside_w, inside_h)
+        if (inside_w, inside_h) != (x1 - x0, y1 - y0):
+            padded = np.full((y1 - y0, x1 - x0, data.shape[2]), 255, dtype=data.dtype)
+            padded[:inside_h, :inside_w] = data
+            data = padded
+        return channel_planar(data), x0, y0
+
+    def _windows(self, start: int, stop: int) -> Iterator[SmallChunk]:
+        """The windows ``[start, stop)``, reading each block once, the next one in the background."""
+        first = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        work = []
+        for index in range(max(first, 0), len(self._blocks)):
+            lo, hi = int(self._offsets[index]), int(self._offsets[index + 1])
+            if lo >= stop:
+                break
+            block = self._blocks[index]
+            work.append((block, block.cells[max(start, lo) - lo : min(stop, hi) - lo]))
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bigsmall-window") as pool:
+            future = pool.submit(self._read_block, *work[0]) if work else None
+            for i, (block, cells) in enumerate(work):
+                assert future is not None
+                try:
+                    data, x0, y0 = future.result()
+                except SlideError as exc:
+                    if self.on_error is OnError.RAISE:
+                        raise
+                    data = None
+                    self._report_skip(block, cells, exc)
+                future = pool.submit(self._read_block, *work[i + 1]) if i + 1 < len(work) else None
+                if data is not None:
+                    yield from self._crop(block, cells, data, x0, y0)
+
+    def _report_skip(self, block: _Block, cells: np.ndarray, exc: SlideError) -> None:
+        grid = self.grids[block.slide]
+        logger.warning(
+            "skipping %d windows of patient %r (rows %d-%d, cols %d-%d): %s",
+            len(cells), grid.patient_id, cells[:, 0].min(), cells[:, 0].max(),
+            cells[:, 1].min(), cells[:, 1].max(), exc,
+        )
+
+    def _crop(self, block: _Block, cells: np.ndarray, data: np.ndarray, x0: int, y0: int) -> Iterator[SmallChunk]:
+        grid = self.grids[block.slide]
+        patient: Patient = self.dataset.patients[block.slide]
+        pw, ph = grid.patch_size
+        mpp = grid.choice.mpp
+        block_info = {"x": round(x0 * grid.choice.downsample), "y": round(y0 * grid.choice.downsample)}
+        for row, col in cells:
+            cx, cy = int(grid.xs[col]) - x0, int(grid.ys[row]) - y0
+            lx, ly = grid.level0(int(row), int(col))
+            info = {"x": lx, "y": ly, "level": grid.choice.level, "mpp": mpp, "row": int(row), "col": int(col)}
+            yield SmallChunk(data[cy : cy + ph, cx : cx + pw], info, block_info, patient)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._refresh_topology()
+        topo = current_topology(self.rank, self.world_size)
+        start, stop = self.worker_range(topo.rank, topo.world_size, topo.worker, topo.num_workers)
+        try:
+            if self.batch_size is None:
+                for small in self._windows(start, stop):
+                    sample = to_sample(small)
+                    if self.transform is not None:
+                        sample["image"] = self.transform(sample["image"])
+                    yield sample
+            else:
+                builder = BatchBuilder(self.batch_size)
+                for small in self._windows(start, stop):
+                    builder.add(small)
+                    if len(builder) == self.batch_size:
+                        yield self._finish(builder)
+                if len(builder):
+                    yield self._finish(builder)
+        finally:
+            self.slides.close()
+
+    def _finish(self, builder: BatchBuilder) -> dict[str, Any]:
+        batch = builder.build()
+        if self.transform is not None:
+            batch["image"] = self.transform(batch["image"])
+        return batch
+
+    def __repr__(self) -> str:
+        return (
+            f"SlidingWindowDataset(slides={len(self.grids)}, windows={self.total_windows}, "
+            f"patch_size={self.patch_size}, stride={self.stride}, {self.resolution.describe()}, "
+            f"edge={self.edge.value!r}, tissue_only={self.tissue_only})"
+        )
