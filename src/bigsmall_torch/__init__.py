@@ -33,8 +33,8 @@ from .schedulers import (
     Scheduler,
     WeightedScheduler,
 )
-from .sliding import Edge, Grid, SlidingWindowDataset
 from .slide import Backend, SlideCache, SlideInfo, SlideReader, open_slide, slide_info
+from .sliding import Edge, Grid, SlidingWindowDataset
 from .tissue import TissueDetector, TissueMask, render_tissue, tissue_mask
 
 __all__ = [
