@@ -385,3 +385,14 @@ def test_interpreter_exits_after_breaking_out_of_an_endless_stream(slide_folder:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "done"
+
+
+def test_stats_break_the_time_down(slide_folder: Path) -> None:
+    ds = make(slide_folder, samples_per_epoch=64)
+    for _ in DataLoader(ds, batch_size=16):
+        pass
+    stats = ds.last_stats
+    assert stats.samples == 64 and stats.chunks_loaded >= 64 // 16
+    parts = stats.breakdown()
+    assert set(parts) >= {"load (loading thread)", "wait for a big chunk", "crop (collector)", "collate + IPC + caller"}
+    assert all(v >= 0 for v in parts.values()) and parts["load (loading thread)"] > 0 and parts["crop (collector)"] > 0

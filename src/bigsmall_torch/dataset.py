@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -24,7 +25,7 @@ from .chunks import BigChunkLoader, SmallChunk, SmallChunkCollector
 from .data import Dataset
 from .errors import ConfigError
 from .messages import MessageBoard
-from .reservoir import OnError, Reservoir
+from .reservoir import OnError, Reservoir, ReservoirStats
 from .schedulers import LabelBalancedScheduler, LeastVisitedScheduler, Scheduler
 from .slide import Backend, SlideCache
 
@@ -153,6 +154,7 @@ class BigSmallDataset(IterableDataset[Sample]):
         # Shared memory, so set_epoch reaches workers that are already running (persistent workers).
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._states: dict[Any, dict[str, Any]] = {}
+        self.last_stats = ReservoirStats()  # of the latest iteration in this process
 
     def _check_sizes(self) -> None:
         chunk, patch = self.loader.chunk_size, self.collector.patch_size
@@ -287,7 +289,9 @@ class BigSmallDataset(IterableDataset[Sample]):
         quota = self.shard_quota(topo)
         if quota == 0:
             return
-        stream = self.make_reservoir(topo).stream()
+        reservoir = self.make_reservoir(topo)
+        self.last_stats = reservoir.stats
+        stream = reservoir.stream()
         try:
             if self.batch_size is None:
                 yield from self._samples(stream, quota)
@@ -298,11 +302,18 @@ class BigSmallDataset(IterableDataset[Sample]):
             self.slides.close()
 
     def _samples(self, stream: Iterator[SmallChunk], quota: int | None) -> Iterator[Sample]:
+        stats, clock = self.last_stats, time.perf_counter
         for count, small in enumerate(stream, start=1):
+            t0 = clock()
             sample = to_sample(small)
+            t1 = clock()
             if self.transform is not None:
                 sample["image"] = self.transform(sample["image"])
+            t2 = clock()
+            stats.emit_s += t1 - t0
+            stats.transform_s += t2 - t1
             yield sample
+            stats.outside_s += clock() - t2
             if quota is not None and count >= quota:
                 return
 
@@ -310,14 +321,23 @@ class BigSmallDataset(IterableDataset[Sample]):
         self, stream: Iterator[SmallChunk], quota: int | None, batch_size: int
     ) -> Iterator[dict[str, Any]]:
         builder = BatchBuilder(batch_size)
+        stats, clock = self.last_stats, time.perf_counter
         for count, small in enumerate(stream, start=1):
+            t0 = clock()
             builder.add(small)
             last = quota is not None and count >= quota
             if len(builder) == batch_size or last:
                 batch = builder.build()
+                t1 = clock()
                 if self.transform is not None:
                     batch["image"] = self.transform(batch["image"])
+                t2 = clock()
+                stats.emit_s += t1 - t0
+                stats.transform_s += t2 - t1
                 yield batch
+                stats.outside_s += clock() - t2
+            else:
+                stats.emit_s += clock() - t0
             if last:
                 return
 

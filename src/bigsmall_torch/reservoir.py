@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -43,12 +44,37 @@ class OnError(str, Enum):
 
 @dataclass
 class ReservoirStats:
-    """Counters of one reservoir (one worker)."""
+    """Counters and timings (seconds) of one reservoir (one worker).
+
+    ``load_s`` is spent in the loading thread (in ``extract_bigchunk``: reading and decoding big
+    chunks), concurrently with the rest; ``wait_s`` is the consuming thread blocked for a big chunk
+    (starvation); ``collect_s`` is in ``extract_smallchunk`` (crops); ``emit_s`` turns small chunks into
+    samples or batch rows (the copy in batched mode); ``transform_s`` runs the transform;
+    ``outside_s`` is the time between two samples spent outside the dataset (``default_collate``,
+    sending to the main process, and in ``num_workers=0`` the caller's own work).
+    """
 
     chunks_loaded: int = 0
     chunks_retired: int = 0
     samples: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path or patient, reason)
+    load_s: float = 0.0
+    wait_s: float = 0.0
+    collect_s: float = 0.0
+    emit_s: float = 0.0
+    transform_s: float = 0.0
+    outside_s: float = 0.0
+
+    def breakdown(self) -> dict[str, float]:
+        """Seconds per stage (``load_s`` overlaps the others: it runs in the loading thread)."""
+        return {
+            "load (loading thread)": self.load_s,
+            "wait for a big chunk": self.wait_s,
+            "crop (collector)": self.collect_s,
+            "to sample / batch copy": self.emit_s,
+            "transform": self.transform_s,
+            "collate + IPC + caller": self.outside_s,
+        }
 
 
 @dataclass
@@ -126,6 +152,7 @@ class _LoaderThread(threading.Thread):
                         f"{[c.patient.id for c in r.candidates][:10]}"
                     )
                 ctx = r.context(candidate.patient, candidate.part, r.loader_rng)
+                started = time.perf_counter()
                 try:
                     chunk = r.loader.extract_bigchunk(candidate.patient, ctx)
                 except SlideError as exc:
@@ -153,6 +180,7 @@ class _LoaderThread(threading.Thread):
                     )
                 empty_in_a_row = 0
                 r.stats.chunks_loaded += 1
+                r.stats.load_s += time.perf_counter() - started
                 if not self._put(chunk):
                     return
         except BaseException as exc:  # handed to the consumer, which re-raises it
@@ -226,6 +254,13 @@ class Reservoir:
         )
 
     def _take(self, thread: _LoaderThread) -> BigChunk:
+        started = time.perf_counter()
+        try:
+            return self._wait_for_chunk(thread)
+        finally:
+            self.stats.wait_s += time.perf_counter() - started
+
+    def _wait_for_chunk(self, thread: _LoaderThread) -> BigChunk:
         while True:
             try:
                 item = thread.out.get(timeout=_POLL_S)
@@ -259,7 +294,9 @@ class Reservoir:
         while True:
             slot = int(rng.integers(self.buffer_size))
             chunk = resident[slot]
+            started = time.perf_counter()
             small = self.collector.extract_smallchunk(counts[slot], chunk, contexts[slot])
+            self.stats.collect_s += time.perf_counter() - started
             if small is not None:
                 if not isinstance(small, SmallChunk):
                     raise ExtractorError(
