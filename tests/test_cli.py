@@ -23,3 +23,13 @@ def test_demo_streams_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_demo_rejects_bad_numbers(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["demo", "--cache-dir", str(tmp_path), "--workers", "-1"])
+
+
+def test_inspect_prints_metadata_and_flags_unreadable(cmu1: Path, broken_svs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["inspect", str(cmu1), str(broken_svs)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "mpp:       0.499" in out and "tile size: 240x240" in out and "level 0:   2220 x 2967" in out
+    assert re.search(r"tissue:\s+\d+\.\d%", out)
+    assert re.search(r"broken\.svs: error: .*backends tried: tiffslide, openslide", out)
+    assert main(["inspect", "--no-tissue", str(cmu1)]) == 0

@@ -1,4 +1,5 @@
-"""The ``bigsmall-torch`` command line: ``demo`` (synthesise slides and stream patches from them)."""
+"""The ``bigsmall-torch`` command line: ``demo`` (synthesise slides and stream patches from them) and
+``inspect`` (what a slide holds)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,39 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_inspect(args: argparse.Namespace) -> int:
+    """Print what each slide holds; an unreadable slide prints its error and makes the exit code 1."""
+    import bigsmall_torch as bst
+
+    failed = 0
+    for path in args.slides:
+        try:
+            reader = bst.open_slide(path, backend=args.backend)
+        except bst.BigSmallError as exc:
+            print(f"{path}: error: {exc}")
+            failed += 1
+            continue
+        try:
+            info = reader.info
+            print(f"{info.path}")
+            print(f"  backend:   {info.backend}")
+            print(f"  vendor:    {info.vendor or '-'}")
+            print(f"  mpp:       {info.mpp if info.mpp is not None else '-'}")
+            print(f"  objective: {info.objective_power if info.objective_power is not None else '-'}")
+            tile = f"{info.tile_size[0]}x{info.tile_size[1]}" if info.tile_size else "-"
+            print(f"  tile size: {tile}")
+            for level, ((w, h), ds) in enumerate(zip(info.level_dimensions, info.level_downsamples, strict=True)):
+                print(f"  level {level}:   {w} x {h} (downsample {ds:g})")
+            if not args.no_tissue:
+                try:
+                    print(f"  tissue:    {bst.tissue_mask(reader).fraction:.1%}")
+                except bst.MissingDependencyError as exc:
+                    print(f"  tissue:    - ({exc})")
+        finally:
+            reader.close()
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigsmall-torch", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -102,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=_non_negative, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(run=run_demo)
+    inspect = commands.add_parser("inspect", help="print levels, mpp, vendor, tile size, tissue of slides")
+    inspect.add_argument("slides", nargs="+", type=Path, help="slide files")
+    inspect.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide"])
+    inspect.add_argument("--no-tissue", action="store_true", help="skip the tissue fraction")
+    inspect.set_defaults(run=run_inspect)
     return parser
 
 
