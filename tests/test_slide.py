@@ -89,3 +89,18 @@ def test_stripped_and_truncated_tiffs_are_refused_at_open(tmp_path: Path, slide_
     (tmp_path / "header.tiff").write_bytes(data[:4000])
     with pytest.raises(bst.SlideOpenError, match=r"header\.tiff.*backends tried: tiffslide, openslide"):
         bst.open_slide(tmp_path / "header.tiff")
+
+
+def test_jpeg_tiled_levels_use_the_tile_fast_path(slide_folder: Path, cmu1: Path) -> None:
+    import openslide
+
+    for path in (slide_folder / "synthetic_003.tiff", cmu1):
+        reader = bst.open_slide(path, decode_threads=2)
+        assert reader._decoder(0) is not None  # type: ignore[attr-defined]
+        slide = openslide.OpenSlide(path)
+        region = reader.read(100, 200, 0, 777, 555)
+        assert np.array_equal(region, np.asarray(slide.read_region((100, 200), 0, (777, 555)).convert("RGB")))
+        slide.close()
+        reader.close()
+    with pytest.raises(bst.ConfigError, match="decode_threads must be an int >= 1"):
+        bst.SlideCache(decode_threads=0)

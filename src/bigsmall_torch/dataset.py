@@ -68,6 +68,7 @@ class BigSmallDataset(IterableDataset[Sample]):
             streaming. Skipped slides are logged (warning) and counted per worker.
         backend: slide reading backend (``"auto"``, ``"openslide"``, ``"tiffslide"``).
         max_open_slides: per-worker LRU size of open slide handles.
+        decode_threads: threads that decode the JPEG tiles of one big chunk (per worker).
         validate: check every patient with ``loader.validate`` at construction (opens each slide's
             header once in this process).
         rank, world_size: the distributed position; by default read from torch.distributed when it is
@@ -101,6 +102,7 @@ class BigSmallDataset(IterableDataset[Sample]):
         on_error: str | OnError = "raise",
         backend: str | Backend = "auto",
         max_open_slides: int = 16,
+        decode_threads: int = 2,
         validate: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
@@ -144,7 +146,9 @@ class BigSmallDataset(IterableDataset[Sample]):
             self.on_error = OnError(on_error)
         except ValueError:
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}") from None
-        self.slides = SlideCache(positive_int("max_open_slides", max_open_slides), backend=backend)
+        self.slides = SlideCache(
+            positive_int("max_open_slides", max_open_slides), backend=backend, decode_threads=decode_threads
+        )
         self._explicit_topology = (rank, world_size)
         self.rank, self.world_size = distributed_rank_and_world(rank, world_size)
         self._check_sizes()

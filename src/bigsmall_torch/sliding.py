@@ -147,6 +147,8 @@ class SlidingWindowDataset(IterableDataset[Any]):
         transform: applied in the worker to each ``image`` (batched mode: to the batch tensor).
         on_error: ``"raise"`` (default) or ``"skip"``: a block that fails to read is logged with the
             windows it would have produced (patient, rows and columns), and they are not emitted.
+        backend, max_open_slides, decode_threads: slide reading, as in
+            :class:`~bigsmall_torch.BigSmallDataset`.
         rank, world_size: the distributed position (default: torch.distributed, else 0 and 1).
 
     Samples carry ``image``, ``patient_id``, level-0 ``x``/``y``, ``level``, ``mpp``, ``row`` and ``col``.
@@ -173,6 +175,7 @@ class SlidingWindowDataset(IterableDataset[Any]):
         on_error: str | OnError = "raise",
         backend: str | Backend = "auto",
         max_open_slides: int = 16,
+        decode_threads: int = 2,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -205,7 +208,9 @@ class SlidingWindowDataset(IterableDataset[Any]):
             self.on_error = OnError(on_error)
         except ValueError:
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}") from None
-        self.slides = SlideCache(positive_int("max_open_slides", max_open_slides), backend=backend)
+        self.slides = SlideCache(
+            positive_int("max_open_slides", max_open_slides), backend=backend, decode_threads=decode_threads
+        )
         self._explicit_topology = (rank, world_size)
         self.rank, self.world_size = distributed_rank_and_world(rank, world_size)
         self.grids = self._make_grids()

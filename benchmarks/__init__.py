@@ -1,0 +1,1 @@
+"""Benchmarks of bigsmall_torch (run them as scripts; nothing here is imported by the package)."""

@@ -1,0 +1,150 @@
+"""Helpers shared by the benchmark scripts: cached synthetic slides, timing a DataLoader, peak RSS,
+Markdown tables."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+__all__ = [
+    "REAL_SLIDE",
+    "REPO_ROOT",
+    "LoaderTiming",
+    "markdown_table",
+    "peak_rss_mib",
+    "prepare_slides",
+    "reset_peak_rss",
+    "time_loader",
+]
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_SLIDE = REPO_ROOT.parent / "shared" / "slides" / "cmu-1-small-region.svs"
+
+
+def prepare_slides(folder: Path, *, n: int, size: int, seed: int = 0) -> list[Path]:
+    """``n`` synthetic ``size x size`` slides (256 px JPEG tiles, tissue everywhere) cached in
+    ``folder/size-<size>``: written on first use, re-used afterwards.
+
+    The texture comes from the real slide :data:`REAL_SLIDE` when present (so JPEG size and decode
+    cost resemble tissue), else from the procedural generator.
+    """
+    from bigsmall_torch.synthetic import synthesize_slides
+
+    target = folder / f"size-{size}"
+    target.mkdir(parents=True, exist_ok=True)
+    texture = REAL_SLIDE if REAL_SLIDE.exists() else None
+    logger.info(
+        "preparing %d slides of %dx%d in %s (texture: %s); the first run writes them",
+        n,
+        size,
+        size,
+        target,
+        texture or "procedural",
+    )
+    start = time.perf_counter()
+    infos = synthesize_slides(
+        target,
+        n=n,
+        width=size,
+        height=size,
+        tile_size=256,
+        tissue="full",
+        texture_source=texture,
+        seed=seed,
+    )
+    logger.info("slides ready in %.1f s", time.perf_counter() - start)
+    return [Path(info.path) for info in infos]
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """Peak resident set size (``VmHWM``) of process ``pid`` in MiB; None where /proc has no answer."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux ``clear_refs``); False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class LoaderTiming:
+    """What :func:`time_loader` measured for one DataLoader."""
+
+    patches: int
+    seconds: float
+    first_batch_s: float
+    worker_peak_rss_mib: list[float | None] = field(default_factory=list)
+    main_peak_rss_mib: float | None = None
+
+    @property
+    def patches_per_s(self) -> float:
+        return self.patches / self.seconds
+
+
+def _check_batch(batch: Any, batch_size: int, patch: int) -> None:
+    image = batch["image"]
+    expected = (batch_size, 3, patch, patch)
+    if tuple(image.shape) != expected or str(image.dtype) != "torch.uint8":
+        raise RuntimeError(
+            f"expected uint8 images of shape {expected}, got {image.dtype} {tuple(image.shape)}"
+        )
+
+
+def time_loader(loader: DataLoader, *, warmup: int, batches: int, patch: int) -> LoaderTiming:
+    """Time ``loader`` from a cold iterator (fresh workers).
+
+    The first batch is timed from ``iter(loader)``; then ``warmup`` batches are skipped and the next
+    ``batches`` timed. Peak RSS of every worker is read just before the workers are shut down.
+    """
+    reset_peak_rss()
+    start = time.perf_counter()
+    iterator = iter(loader)
+    try:
+        first = next(iterator)
+        first_batch_s = time.perf_counter() - start
+        _check_batch(first, loader.batch_size or 1, patch)
+        for _ in range(warmup):
+            next(iterator)
+        patches = 0
+        start = time.perf_counter()
+        for _ in range(batches):
+            patches += len(next(iterator)["image"])
+        seconds = time.perf_counter() - start
+        workers = [peak_rss_mib(w.pid) for w in getattr(iterator, "_workers", [])]
+    except StopIteration:
+        raise RuntimeError(
+            f"the loader ended before {1 + warmup + batches} batches; give it a longer epoch"
+        ) from None
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+    return LoaderTiming(patches, seconds, first_batch_s, workers, peak_rss_mib(os.getpid()))
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub Markdown table with right-aligned columns after the first."""
+    align = [":---"] + ["---:"] * (len(headers) - 1)
+    lines = [headers, align, *rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
