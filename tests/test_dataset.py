@@ -350,10 +350,14 @@ def _open_slide_fds(folder: Path) -> list[str]:
 
 def test_no_file_handles_left_after_an_epoch(slide_folder: Path) -> None:
     gc.collect()  # earlier tests abandon iterators mid-epoch; their threads end when collected
-    before = set(_loader_threads())
+    threads, fds = set(_loader_threads()), collections.Counter(_open_slide_fds(slide_folder))
     ds = make(slide_folder)
-    assert len(list(ds)) == 192
-    assert _open_slide_fds(slide_folder) == [] and set(_loader_threads()) <= before
+    it = iter(ds)
+    next(it)
+    assert collections.Counter(_open_slide_fds(slide_folder)) - fds  # this epoch opened slides...
+    assert len(list(it)) == 191
+    assert collections.Counter(_open_slide_fds(slide_folder)) - fds == collections.Counter()  # ...and closed them
+    assert set(_loader_threads()) <= threads
 
 
 def test_deleting_a_loader_mid_epoch_ends_its_workers(slide_folder: Path) -> None:

@@ -18,9 +18,12 @@ from .errors import (
     DatasetError,
     ExtractorError,
     MissingDependencyError,
+    MissingWindowsError,
     SlideError,
     SlideOpenError,
     SlideReadError,
+    StitcherClosedError,
+    StitchError,
     StreamError,
 )
 from .loaders import RandomRegionLoader
@@ -35,7 +38,9 @@ from .schedulers import (
 )
 from .slide import Backend, SlideCache, SlideInfo, SlideReader, open_slide, slide_info
 from .sliding import Edge, Grid, SlidingWindowDataset
+from .stitching import Stitcher, StitchMode, StitchResult
 from .tissue import TissueDetector, TissueMask, render_tissue, tissue_mask
+from .visualize import ChunkInfoCollector, SampledPatches, SamplingRecorder, render_sampling
 
 __all__ = [
     "Backend",
@@ -45,6 +50,7 @@ __all__ = [
     "BigSmallError",
     "Candidate",
     "ChunkContext",
+    "ChunkInfoCollector",
     "ConfigError",
     "Dataset",
     "DatasetError",
@@ -55,29 +61,38 @@ __all__ = [
     "LeastVisitedScheduler",
     "LevelChoice",
     "MissingDependencyError",
+    "MissingWindowsError",
     "OnError",
     "Patient",
     "RandomCropCollector",
     "RandomRegionLoader",
     "Record",
     "Resolution",
+    "SampledPatches",
+    "SamplingRecorder",
     "Scheduler",
     "SlideCache",
     "SlideError",
     "SlideInfo",
     "SlideOpenError",
-    "SlideReadError",
     "SlideReader",
+    "SlideReadError",
     "SlidingWindowDataset",
     "SmallChunk",
     "SmallChunkCollector",
+    "Stitcher",
+    "StitcherClosedError",
+    "StitchError",
+    "StitchMode",
+    "StitchResult",
     "StreamError",
     "TissueDetector",
     "TissueMask",
     "WeightedScheduler",
-    "__version__",
     "open_slide",
+    "render_sampling",
     "render_tissue",
     "slide_info",
     "tissue_mask",
+    "__version__",
 ]

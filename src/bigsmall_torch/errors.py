@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "BigSmallError",
@@ -16,9 +17,12 @@ __all__ = [
     "DatasetError",
     "ExtractorError",
     "MissingDependencyError",
+    "MissingWindowsError",
     "SlideError",
     "SlideOpenError",
     "SlideReadError",
+    "StitchError",
+    "StitcherClosedError",
     "StreamError",
 ]
 
@@ -45,6 +49,23 @@ class MissingDependencyError(BigSmallError, ImportError):
 
 class StreamError(BigSmallError, RuntimeError):
     """The sample stream cannot go on (e.g. every patient of a shard gives nothing)."""
+
+
+class StitchError(ConfigError):
+    """An output or its metadata does not fit the grids (shape, patient id, position, duplicate)."""
+
+
+class StitcherClosedError(BigSmallError, RuntimeError):
+    """``Stitcher.add`` was called after ``Stitcher.finish``."""
+
+
+class MissingWindowsError(BigSmallError, RuntimeError):
+    """``strict=True``: some windows never arrived. ``missing`` maps patient id -> ``(n, 2)`` rows/cols."""
+
+    def __init__(self, missing: dict[Any, Any]) -> None:
+        self.missing = missing
+        parts = [f"{pid!r}: {len(cells)}" for pid, cells in missing.items()]
+        super().__init__(f"windows never received, per patient: {', '.join(parts)}")
 
 
 class SlideError(BigSmallError):

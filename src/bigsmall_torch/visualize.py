@@ -1,0 +1,446 @@
+"""Pictures on slide thumbnails: where the sampled patches came from (PyDmed's visualize), and the
+colour map and blending the stitched heatmaps use.
+
+:class:`SamplingRecorder` is an opt-in, cheap record of the samples a training loop received
+(patient, level-0 position, level, size; no pixels), kept as small numpy arrays per patient.
+:func:`render_sampling` draws one patient's record over the slide's thumbnail: patches filled
+semi-transparent, big chunks outlined in another colour. Big chunks are drawn when the batches say
+where they were (``chunk_x``/``chunk_y``, e.g. from :class:`ChunkInfoCollector`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._validate import size_pair
+from .chunks import BigChunk, ChunkContext, SmallChunk, SmallChunkCollector
+from .data import Dataset
+from .errors import ConfigError
+from .slide import Backend, SlideInfo, SlideReader, open_slide
+from .tissue import TissueDetector
+
+__all__ = [
+    "ChunkInfoCollector", "SampledPatches", "SamplingRecorder", "blend", "colormap", "heatmap_overlay",
+    "render_sampling", "safe_names", "sampling_overlay", "slide_thumbnail",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+# Viridis at 9 evenly spaced points; colours in between are interpolated.
+_VIRIDIS = np.array([[68, 1, 84], [72, 36, 117], [59, 82, 139], [44, 114, 142], [33, 145, 140],
+                     [39, 173, 129], [94, 201, 98], [173, 220, 48], [253, 231, 37]], dtype=np.float64)  # fmt: skip
+_COLUMNS = ("x", "y", "width", "height", "level", "mpp", "chunk_x", "chunk_y", "chunk_width", "chunk_height")  # fmt: skip
+
+
+def colormap(values: np.ndarray, *, vmin: float, vmax: float) -> np.ndarray:
+    """``values`` as viridis-like RGB ``uint8`` (shape ``values.shape + (3,)``); NaN gets the vmin colour."""
+    span = vmax - vmin if vmax > vmin else 1.0
+    t = np.nan_to_num((np.asarray(values, dtype=np.float64) - vmin) / span, nan=0.0).clip(0, 1)
+    anchors = np.linspace(0, 1, len(_VIRIDIS))
+    rgb = np.stack([np.interp(t, anchors, _VIRIDIS[:, k]) for k in range(3)], axis=-1)
+    return rgb.round().astype(np.uint8)
+
+
+def blend(
+    image: np.ndarray,
+    values: np.ndarray,
+    covered: np.ndarray,
+    *,
+    alpha: float = 0.5,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> tuple[np.ndarray, float, float]:
+    """``image`` with ``values`` colour-mapped and alpha-blended where ``covered``; returns it, vmin, vmax.
+
+    ``vmin``/``vmax`` default to the range of the covered values.
+    """
+    shown = values[covered]
+    vmin = vmin if vmin is not None else float(shown.min()) if shown.size else 0.0
+    vmax = vmax if vmax is not None else float(shown.max()) if shown.size else 1.0
+    out = image.astype(np.float32)
+    colours = colormap(values[covered], vmin=vmin, vmax=vmax).astype(np.float32)
+    out[covered] = (1 - alpha) * out[covered] + alpha * colours
+    return out.round().astype(np.uint8), vmin, vmax
+
+
+def heatmap_overlay(
+    thumbnail: np.ndarray,
+    info: SlideInfo,
+    values: np.ndarray,
+    covered: np.ndarray,
+    *,
+    starts: tuple[np.ndarray, np.ndarray],
+    cell_size: tuple[float, float],
+    alpha: float = 0.5,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> tuple[np.ndarray, float, float]:
+    """``thumbnail`` with a ``rows x cols`` array of cells blended over it (see :func:`blend`).
+
+    Cell ``(r, c)`` covers level-0 ``starts[0][c] .. + cell_size[0]`` by ``starts[1][r] .. + cell_size[1]``
+    (increasing starts); where cells overlap, a thumbnail pixel shows the last cell starting before it.
+    Only cells ``covered`` with finite values are drawn.
+    """
+    index = []
+    for axis, length in enumerate((thumbnail.shape[1], thumbnail.shape[0])):
+        centres = (np.arange(length) + 0.5) * (info.dimensions[axis] / length)  # level-0, per pixel
+        start = np.asarray(starts[axis], dtype=np.float64)
+        cell = np.searchsorted(start, centres, side="right") - 1
+        inside = (cell >= 0) & (centres < start[cell.clip(0)] + cell_size[axis])
+        index.append((cell.clip(0, len(start) - 1), inside))
+    (cols, x_in), (rows, y_in) = index
+    shown = np.asarray(values)[np.ix_(rows, cols)]
+    mask = (
+        np.asarray(covered)[np.ix_(rows, cols)] & y_in[:, None] & x_in[None, :] & np.isfinite(shown)
+    )
+    return blend(thumbnail, shown, mask, alpha=alpha, vmin=vmin, vmax=vmax)
+
+
+def safe_names(ids: Sequence[Any]) -> dict[Any, str]:
+    """A distinct file-name stem per patient id (unsafe characters replaced, clashes numbered)."""
+    names: dict[Any, str] = {}
+    used: set[str] = set()
+    for pid in ids:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", str(pid)).strip("._") or "slide"
+        name, k = base, 1
+        while name.lower() in used:  # case-insensitive file systems
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name.lower())
+        names[pid] = name
+    return names
+
+
+def slide_thumbnail(
+    slide: SlideReader | str | os.PathLike[str],
+    *,
+    size: int = 1024,
+    backend: str | Backend = "auto",
+) -> tuple[np.ndarray, SlideInfo]:
+    """The RGB thumbnail (longest side at most ``size``) of a slide, and the slide's info."""
+    reader = open_slide(slide, backend=backend) if isinstance(slide, (str, os.PathLike)) else slide
+    try:
+        return TissueDetector(thumbnail_size=size).thumbnail(reader), reader.info
+    finally:
+        if reader is not slide:
+            reader.close()
+
+
+def _column(batch: Mapping[str, Any], key: str, n: int, default: float = math.nan) -> np.ndarray:
+    value = batch.get(key)
+    if value is None:
+        return np.full(n, default)
+    array = np.atleast_1d(
+        value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    )
+    if array.shape != (n,):
+        raise ConfigError(
+            f"SamplingRecorder.update: batch[{key!r}] has shape {array.shape}, expected ({n},)"
+        )
+    return array.astype(np.float64)
+
+
+@dataclass(frozen=True)
+class SampledPatches:
+    """The recorded samples of one patient (one entry per sample, in the order received).
+
+    ``x``/``y`` are level-0 top-lefts; ``width``/``height`` (and the big chunks' ``chunk_width``/
+    ``chunk_height``) are pixels of the sample's resolution, turned into level-0 pixels by
+    :meth:`boxes` from the sample's ``mpp`` (or, without one, its ``level``). Unknown values are NaN.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    width: np.ndarray
+    height: np.ndarray
+    level: np.ndarray
+    mpp: np.ndarray
+    chunk_x: np.ndarray = field(repr=False)
+    chunk_y: np.ndarray = field(repr=False)
+    chunk_width: np.ndarray = field(repr=False)
+    chunk_height: np.ndarray = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def scale(self, info: SlideInfo) -> np.ndarray:
+        """Level-0 pixels per sample pixel, per sample."""
+        by_level = np.asarray(info.level_downsamples)[
+            self.level.clip(0, info.level_count - 1).astype(np.int64)
+        ]
+        by_mpp = self.mpp / info.mpp if info.mpp else np.full(len(self), math.nan)
+        return np.where(np.isfinite(by_mpp), by_mpp, by_level)
+
+    def boxes(self, info: SlideInfo) -> np.ndarray:
+        """``(n, 4)`` level-0 ``(x, y, width, height)`` of the patches."""
+        s = self.scale(info)
+        return np.stack([self.x, self.y, self.width * s, self.height * s], axis=1)
+
+    def chunk_boxes(self, info: SlideInfo) -> np.ndarray:
+        """``(m, 4)`` level-0 ``(x, y, width, height)`` of the distinct big chunks whose place is known."""
+        s = self.scale(info)
+        boxes = np.stack(
+            [self.chunk_x, self.chunk_y, self.chunk_width * s, self.chunk_height * s], axis=1
+        )
+        boxes = boxes[np.isfinite(boxes).all(axis=1)]
+        return np.unique(boxes, axis=0) if len(boxes) else boxes.reshape(0, 4)
+
+
+class SamplingRecorder:
+    """Records where the samples of a training loop came from: ``recorder.update(batch)`` per batch.
+
+    Args:
+        bigchunk_size: ``(width, height)`` (or an int) of the big chunks, in pixels of the samples'
+            resolution, for batches that carry ``chunk_x``/``chunk_y`` but not ``chunk_width``/``chunk_height``.
+
+    Works with per-sample batches (collated by the DataLoader), batched-mode batches and single
+    samples; keeps no pixels, only ten numbers per sample.
+    """
+
+    def __init__(self, *, bigchunk_size: int | tuple[int, int] | None = None) -> None:
+        self.bigchunk_size = (
+            None
+            if bigchunk_size is None
+            else size_pair("SamplingRecorder: bigchunk_size", bigchunk_size)
+        )
+        self._parts: dict[Any, list[np.ndarray]] = {}
+        self._cache: dict[Any, SampledPatches] = {}
+
+    def update(
+        self, batch: Mapping[str, Any], *, size: int | tuple[int, int] | None = None
+    ) -> None:
+        """Record the samples of ``batch`` (``patient_id``, level-0 ``x``/``y``, ``level``, ``mpp``,
+        ``image`` or ``size``: the patch's ``(width, height)`` in pixels of its resolution, for when a
+        transform changed the image's shape)."""
+        absent = [k for k in ("patient_id", "x", "y") if k not in batch]
+        if absent or (size is None and "image" not in batch):
+            raise ConfigError(
+                f"SamplingRecorder.update: batch lacks {absent or ['image']} (keys: {sorted(batch)})"
+            )
+        ids = batch["patient_id"]
+        ids = ids.tolist() if isinstance(ids, (torch.Tensor, np.ndarray)) else ids
+        ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+        n = len(ids)
+        if size is not None:
+            pw, ph = size_pair("SamplingRecorder.update: size", size)
+            wh = np.tile([float(pw), float(ph)], (n, 1))
+        else:
+            image = batch["image"]
+            shapes = (
+                [t.shape[-2:] for t in image]
+                if isinstance(image, (list, tuple))
+                else ([image.shape[-2:]] * (image.shape[0] if image.ndim == 4 else 1))
+            )
+            wh = np.array([(s[1], s[0]) for s in shapes], dtype=np.float64).reshape(-1, 2)
+        chunk_w, chunk_h = self.bigchunk_size or (math.nan, math.nan)
+        if len(wh) != n:
+            raise ConfigError(f"SamplingRecorder.update: {len(wh)} images for {n} patient ids")
+        given = {"width": wh[:, 0], "height": wh[:, 1]}
+        defaults = {"level": 0.0, "chunk_width": chunk_w, "chunk_height": chunk_h}
+        columns = [
+            given[k] if k in given else _column(batch, k, n, defaults.get(k, math.nan))
+            for k in _COLUMNS
+        ]
+        table = np.stack(columns, axis=1)
+        for pid in dict.fromkeys(ids):
+            self._parts.setdefault(pid, []).append(
+                table[[i for i, p in enumerate(ids) if p == pid]]
+            )
+            self._cache.pop(pid, None)
+
+    @property
+    def patients(self) -> list[Any]:
+        """Patient ids recorded, in the order first seen."""
+        return list(self._parts)
+
+    def counts(self) -> dict[Any, int]:
+        """Samples recorded per patient."""
+        return {pid: sum(len(p) for p in parts) for pid, parts in self._parts.items()}
+
+    def __len__(self) -> int:
+        return sum(self.counts().values())
+
+    def records(self, patient_id: Any) -> SampledPatches:
+        """The samples recorded for ``patient_id``."""
+        if patient_id not in self._parts:
+            raise ConfigError(
+                f"SamplingRecorder: nothing recorded for patient {patient_id!r}; recorded: {self.patients[:5]}"
+            )
+        if patient_id not in self._cache:
+            table = np.concatenate(self._parts[patient_id])
+            cols = dict(zip(_COLUMNS, table.T, strict=True))
+            ints = {k: cols[k].astype(np.int64) for k in ("x", "y", "level")}
+            self._cache[patient_id] = SampledPatches(**{**cols, **ints})
+        return self._cache[patient_id]
+
+    def render_all(
+        self,
+        dataset: Dataset | Any,
+        out_dir: str | os.PathLike[str],
+        *,
+        record_key: str | None = None,
+        **options: Any,
+    ) -> dict[Any, Path]:
+        """One PNG per recorded patient (``<out_dir>/<safe id>.png``, see :func:`render_sampling`).
+
+        ``dataset`` is a :class:`~bigsmall_torch.Dataset` or a dataset wrapping one (``.dataset``);
+        ``record_key`` defaults to its loader's, else ``"wsi"``.
+        """
+        data = dataset if isinstance(dataset, Dataset) else getattr(dataset, "dataset", None)
+        if not isinstance(data, Dataset):
+            raise ConfigError(
+                f"render_all: dataset must be a Dataset or wrap one, got {type(dataset).__name__}"
+            )
+        loader = getattr(dataset, "loader", None)
+        key = str(
+            record_key
+            or getattr(loader, "record_key", None)
+            or getattr(dataset, "record_key", None)
+            or "wsi"
+        )
+        patients = {p.id: p for p in data.patients}
+        unknown = [pid for pid in self._parts if pid not in patients]
+        if unknown:
+            raise ConfigError(
+                f"render_all: recorded patients {unknown[:5]} are not in dataset {data.name!r}"
+            )
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        names = safe_names(self.patients)
+        return {
+            pid: render_sampling(
+                patients[pid].record(key).path,
+                self.records(pid),
+                folder / f"{names[pid]}.png",
+                **options,
+            )
+            for pid in self.patients
+        }
+
+    def __repr__(self) -> str:
+        return f"SamplingRecorder(patients={len(self._parts)}, samples={len(self)})"
+
+
+def _rectangles(
+    boxes: np.ndarray, scale: tuple[float, float], shape: tuple[int, ...]
+) -> np.ndarray:
+    """Level-0 boxes as inclusive thumbnail pixel rectangles ``(x0, y0, x1, y1)``, clipped, >= 1 pixel."""
+    sx, sy = scale
+    x0, y0 = np.floor(boxes[:, 0] * sx), np.floor(boxes[:, 1] * sy)
+    x1 = np.maximum(np.ceil((boxes[:, 0] + boxes[:, 2]) * sx) - 1, x0)
+    y1 = np.maximum(np.ceil((boxes[:, 1] + boxes[:, 3]) * sy) - 1, y0)
+    rects = np.stack([x0, y0, x1, y1], axis=1).astype(np.int64)
+    return rects.clip(0, [shape[1] - 1, shape[0] - 1] * 2)
+
+
+def sampling_overlay(
+    thumbnail: np.ndarray,
+    info: SlideInfo,
+    records: SampledPatches,
+    *,
+    color: tuple[int, int, int] = (20, 90, 255),
+    chunk_color: tuple[int, int, int] = (255, 140, 0),
+    alpha: float = 0.4,
+    outline: bool = True,
+    chunks: bool = True,
+) -> np.ndarray:
+    """``thumbnail`` with the patches filled (``alpha``, outlined a shade darker) and the big chunks outlined."""
+    from PIL import Image, ImageDraw
+
+    if not 0 <= alpha <= 1:
+        raise ConfigError(f"sampling_overlay: alpha must be in [0, 1], got {alpha!r}")
+    width0, height0 = info.dimensions
+    scale = (thumbnail.shape[1] / width0, thumbnail.shape[0] / height0)
+    rects = _rectangles(records.boxes(info), scale, thumbnail.shape)
+    filled = np.zeros(thumbnail.shape[:2], dtype=bool)
+    for x0, y0, x1, y1 in rects:
+        filled[y0 : y1 + 1, x0 : x1 + 1] = True
+    out = thumbnail.astype(np.float32)
+    out[filled] = (1 - alpha) * out[filled] + alpha * np.asarray(color, dtype=np.float32)
+    image = Image.fromarray(out.round().astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    if outline:
+        dark = tuple(int(c * 0.6) for c in color)
+        for rect in rects.tolist():
+            draw.rectangle(rect, outline=dark)
+    if chunks and (np.isfinite(records.chunk_x) & np.isnan(records.chunk_width)).any():
+        logger.warning(
+            "some big chunks are not drawn: their samples carry chunk_x/chunk_y but no "
+            "chunk_width/chunk_height; pass SamplingRecorder(bigchunk_size=...)"
+        )
+    if chunks:
+        for rect in _rectangles(records.chunk_boxes(info), scale, thumbnail.shape).tolist():
+            draw.rectangle(rect, outline=chunk_color, width=2)
+    return np.asarray(image)
+
+
+def render_sampling(
+    slide: SlideReader | str | os.PathLike[str],
+    records: SampledPatches,
+    out_png: str | os.PathLike[str],
+    *,
+    thumbnail_size: int = 1024,
+    backend: str | Backend = "auto",
+    **options: Any,
+) -> Path:
+    """Write a PNG of the slide's thumbnail with ``records`` drawn on it (see :func:`sampling_overlay`)."""
+    from PIL import Image
+
+    if not isinstance(records, SampledPatches):
+        raise ConfigError(
+            f"render_sampling: records must be SampledPatches (recorder.records(id)), got {type(records).__name__}"
+        )
+    thumbnail, info = slide_thumbnail(slide, size=thumbnail_size, backend=backend)
+    path = Path(out_png)
+    Image.fromarray(sampling_overlay(thumbnail, info, records, **options)).save(path)
+    logger.debug("wrote %s (%d patches)", path, len(records))
+    return path
+
+
+class ChunkInfoCollector(SmallChunkCollector):
+    """Wraps a collector so that its samples also say where their big chunk was.
+
+    Adds ``chunk_x``/``chunk_y`` (level-0 top-left) and ``chunk_width``/``chunk_height`` (pixels of
+    the chunk's resolution) from the big chunk's ``info`` (``x``, ``y``, ``width``, ``height``; the
+    data's shape when absent), for :class:`SamplingRecorder` to draw the big chunks.
+    """
+
+    def __init__(self, collector: SmallChunkCollector) -> None:
+        if not isinstance(collector, SmallChunkCollector):
+            raise ConfigError(
+                f"ChunkInfoCollector: collector must be a SmallChunkCollector, got {type(collector).__name__}"
+            )
+        self.collector = collector
+
+    @property
+    def patch_size(self) -> tuple[int, int] | None:
+        return self.collector.patch_size
+
+    def extract_smallchunk(
+        self, call_count: int, bigchunk: BigChunk, ctx: ChunkContext
+    ) -> SmallChunk | None:
+        small = self.collector.extract_smallchunk(call_count, bigchunk, ctx)
+        if small is None:
+            return None
+        info, (height, width) = bigchunk.info, np.shape(bigchunk.data)[:2]
+        small.info = {
+            **small.info,
+            "chunk_x": info.get("x", 0),
+            "chunk_y": info.get("y", 0),
+            "chunk_width": info.get("width", width),
+            "chunk_height": info.get("height", height),
+        }
+        return small
+
+    def __repr__(self) -> str:
+        return f"ChunkInfoCollector({self.collector!r})"
