@@ -104,3 +104,17 @@ def test_jpeg_tiled_levels_use_the_tile_fast_path(slide_folder: Path, cmu1: Path
         reader.close()
     with pytest.raises(bst.ConfigError, match="decode_threads must be an int >= 1"):
         bst.SlideCache(decode_threads=0)
+
+
+def test_planar_reads_hold_the_same_pixels(slide_folder: Path) -> None:
+    from bigsmall_torch.chunks import channel_planar
+
+    reader = bst.open_slide(slide_folder / "synthetic_002.tiff")
+    hwc = reader.read(300, 200, 0, 700, 500)
+    planar = reader.read(300, 200, 0, 700, 500, planar=True)
+    assert hwc.flags.c_contiguous and planar.transpose(2, 0, 1).flags.c_contiguous
+    assert np.array_equal(hwc, planar)
+    assert channel_planar(planar) is planar  # nothing to do
+    converted = channel_planar(hwc)
+    assert np.array_equal(converted, hwc) and converted.transpose(2, 0, 1).flags.c_contiguous
+    reader.close()

@@ -134,9 +134,10 @@ class TileDecoder:
             threads=threads,
         )
 
-    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read(self, x: int, y: int, width: int, height: int, *, planar: bool = False) -> np.ndarray:
         """``height x width x 3`` uint8 region whose top-left is ``(x, y)`` in this level's pixels;
-        the region must lie inside the level."""
+        the region must lie inside the level. ``planar=True`` writes the tiles straight into
+        channel-planar memory (see :func:`bigsmall_torch.chunks.channel_planar`)."""
         if (
             width < 1
             or height < 1
@@ -151,7 +152,10 @@ class TileDecoder:
                 f"{self.width}x{self.height} pixels (or empty)",
             )
         fd, pool = self._resources()
-        out = np.empty((height, width, 3), dtype=np.uint8)
+        if planar:
+            out = np.empty((3, height, width), dtype=np.uint8).transpose(1, 2, 0)
+        else:
+            out = np.empty((height, width, 3), dtype=np.uint8)
         tasks = self._plan(x, y, width, height, out)
         if pool is None or len(tasks) < 2:
             for task in tasks:

@@ -37,7 +37,7 @@ def channel_planar(image: np.ndarray) -> np.ndarray:
     a strided per-pixel transpose (about 25x faster for uint8 RGB patches). The copy is paid once per
     big chunk, in the loading thread.
     """
-    if image.ndim != 3:
+    if image.ndim != 3 or image.transpose(2, 0, 1).flags.c_contiguous:  # already planar
         return image
     return np.ascontiguousarray(image.transpose(2, 0, 1)).transpose(1, 2, 0)
 

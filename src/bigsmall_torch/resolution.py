@@ -140,7 +140,7 @@ def read_at(reader: SlideReader, choice: LevelChoice, x: int, y: int, width: int
     """
     x0, y0 = round(x * choice.downsample), round(y * choice.downsample)
     if not choice.resampled:
-        return reader.read(x0, y0, choice.level, width, height)
+        return reader.read(x0, y0, choice.level, width, height, planar=True)
     info = reader.info
     level_ds = info.level_downsamples[choice.level]
     lw, lh = info.level_dimensions[choice.level]

@@ -63,8 +63,14 @@ class SlideReader(Protocol):
     @property
     def info(self) -> SlideInfo: ...
 
-    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        """The ``height x width x 3`` uint8 region at level-0 location ``(x, y)`` of ``level``."""
+    def read(
+        self, x: int, y: int, level: int, width: int, height: int, *, planar: bool = False
+    ) -> np.ndarray:
+        """The ``height x width x 3`` uint8 region at level-0 location ``(x, y)`` of ``level``.
+
+        ``planar=True`` asks for channel-planar memory (an HWC view of CHW memory) where the backend
+        can write it directly; callers must not rely on the layout either way.
+        """
         ...
 
     def close(self) -> None: ...
@@ -162,12 +168,14 @@ class _TiffSlideReader(_ReaderBase):
             )
         return self._decoders[level]
 
-    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+    def read(
+        self, x: int, y: int, level: int, width: int, height: int, *, planar: bool = False
+    ) -> np.ndarray:
         self._check_region(x, y, level, width, height)
         decoder = self._decoder(level)
         if decoder is not None:
             ds = self.info.level_downsamples[level]
-            return decoder.read(int(x / ds), int(y / ds), width, height)
+            return decoder.read(int(x / ds), int(y / ds), width, height, planar=planar)
         try:
             arr = self._slide.read_region((x, y), level, (width, height), as_array=True)
         except Exception as exc:  # decoder errors come in many types
@@ -220,7 +228,9 @@ class _OpenSlideReader(_ReaderBase):
             tile_size=(int(tw), int(th)) if tw and th else None,
         )
 
-    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+    def read(
+        self, x: int, y: int, level: int, width: int, height: int, *, planar: bool = False
+    ) -> np.ndarray:
         self._check_region(x, y, level, width, height)
         try:
             image = self._slide.read_region((x, y), level, (width, height))
