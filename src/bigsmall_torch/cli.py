@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -50,15 +51,16 @@ def run_demo(args: argparse.Namespace) -> int:
     folder = Path(args.cache_dir) / "demo-slides"
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    infos = synthesize_slides(folder, n=args.slides, width=args.slide_size, height=args.slide_size, tissue="full")
+    infos = synthesize_slides(folder, n=args.slides, width=args.slide_size, height=args.slide_size, tissue="blobs")
     print(f"{len(infos)} synthetic slides of {args.slide_size}x{args.slide_size} in {folder} "
           f"({time.perf_counter() - started:.1f} s)")
 
     samples = args.batches * args.batch_size
+    slides = bst.Dataset.from_folder(folder, pattern="*.tiff")
     ds = bst.BigSmallDataset(
-        bst.Dataset.from_folder(folder, pattern="*.tiff"),
-        bst.RandomRegionLoader(size=args.chunk_size, level=0),
-        bst.RandomCropCollector(size=args.patch_size),
+        slides,
+        bst.RandomRegionLoader(size=args.chunk_size, level=0, tissue_only=True),
+        bst.ChunkInfoCollector(bst.RandomCropCollector(size=args.patch_size, min_tissue=0.5)),
         buffer_size=args.buffer_size,
         smallchunks_per_bigchunk=args.smallchunks_per_bigchunk,
         samples_per_epoch=samples,
@@ -67,6 +69,7 @@ def run_demo(args: argparse.Namespace) -> int:
     loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, pin_memory=torch.cuda.is_available())
     mix: list[int] = []
     patients: collections.Counter[str] = collections.Counter()
+    recorder = bst.SamplingRecorder()
     started = time.perf_counter()
     first_batch = None
     count = 0
@@ -77,12 +80,44 @@ def run_demo(args: argparse.Namespace) -> int:
         mix.append(len(set(ids)))
         patients.update(ids)
         count += len(ids)
+        recorder.update(batch)
     elapsed = time.perf_counter() - started
     print(f"{count} patches of {args.patch_size}x{args.patch_size} in {elapsed:.2f} s: "
           f"{count / elapsed:,.0f} patches/s (first batch after {first_batch or 0:.2f} s)")
     print(f"distinct patients per batch: min {min(mix)}, mean {sum(mix) / len(mix):.2f}, max {max(mix)}")
     print("patches per patient: " + ", ".join(f"{k}={v}" for k, v in sorted(patients.items())))
+    out = Path(args.cache_dir) / "demo-output"
+    pictures = recorder.render_all(slides, out / "sampling", thumbnail_size=768)
+    print(f"where the patches came from (tissue only): {len(pictures)} pictures in {out / 'sampling'}")
+    if args.no_inference:
+        return 0
+    windows = bst.SlidingWindowDataset(
+        bst.Dataset("demo", slides.patients[:1]), patch_size=64, level=2, batch_size=64, tissue_only=False
+    )
+    stitcher = bst.Stitcher(windows, out / "heatmaps", vmin=0.0, vmax=1.0, progress=not args.no_progress)
+    model = _tissue_score_model()
+    started = time.perf_counter()
+    with torch.no_grad():
+        for batch in DataLoader(windows, batch_size=None, num_workers=args.workers):
+            stitcher.add(model(batch["image"]), batch)
+    result = next(iter(stitcher.finish().values()))
+    print(f"sliding-window inference: {windows.total_windows} windows in {time.perf_counter() - started:.2f} s; "
+          f"heatmap {result.paths.get('png')}")
     return 0
+
+
+
+def _tissue_score_model() -> Any:
+    """A tiny stand-in model: the fraction of stained (saturated) pixels of each window."""
+    import torch
+
+    class TissueScore(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            rgb = images.float() / 255
+            saturation = rgb.amax(dim=1) - rgb.amin(dim=1)
+            return (saturation > 0.08).float().mean(dim=(1, 2))
+
+    return TissueScore().eval()
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -135,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=_non_negative, default=2, help="DataLoader workers")
     demo.add_argument("--seed", type=_non_negative, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--no-inference", action="store_true", help="skip the sliding-window inference")
     demo.set_defaults(run=run_demo)
     inspect = commands.add_parser("inspect", help="print levels, mpp, vendor, tile size, tissue of slides")
     inspect.add_argument("slides", nargs="+", type=Path, help="slide files")
