@@ -20,7 +20,7 @@ def test_demo_streams_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert len(counts) == 3 and sum(map(int, counts.values())) == 192
     assert len(list((tmp_path / "demo-output" / "sampling").glob("*.png"))) == 3
     windows = int(re.search(r"sliding-window inference: (\d+) windows", out).group(1))  # type: ignore[union-attr]
-    assert windows == (2048 // 4 // 64) ** 2  # level 2 of a 2048 slide, 64-px windows
+    assert windows == (2048 // 4 // 64) ** 2  # 2 mpp: a quarter of the 0.5-mpp slide, 64-px windows
     assert (tmp_path / "demo-output" / "heatmaps" / "synthetic_000.png").exists()
     assert (tmp_path / "demo-output" / "heatmaps" / "synthetic_000.npy").exists()
 

@@ -92,7 +92,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.no_inference:
         return 0
     windows = bst.SlidingWindowDataset(
-        bst.Dataset("demo", slides.patients[:1]), patch_size=64, level=2, batch_size=64, tissue_only=False
+        bst.Dataset("demo", slides.patients[:1]), patch_size=64, mpp=2.0, batch_size=64
     )
     stitcher = bst.Stitcher(windows, out / "heatmaps", vmin=0.0, vmax=1.0, progress=not args.no_progress)
     model = _tissue_score_model()
