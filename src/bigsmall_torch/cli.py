@@ -1,5 +1,5 @@
-"""The ``bigsmall-torch`` command line: ``demo`` (synthesise slides and stream patches from them) and
-``inspect`` (what a slide holds)."""
+"""The ``bigsmall-torch`` command line: ``demo`` (a tour on synthetic slides), ``inspect`` (what a
+slide holds) and ``bench`` (the benchmarks of a source checkout)."""
 
 from __future__ import annotations
 
@@ -153,6 +153,28 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+BENCHMARKS = {"core": "bench_core", "read": "bench_read", "memory": "bench_memory", "sliding": "bench_sliding"}
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark script of the source checkout's ``benchmarks/`` folder with the given options."""
+    import importlib
+    import sys
+
+    candidates = [Path.cwd(), Path(__file__).resolve().parents[2]]
+    root = next((c for c in candidates if (c / "benchmarks" / "_common.py").exists()), None)
+    if root is None:
+        print("bigsmall-torch bench: the benchmarks live in the benchmarks/ folder of a source checkout; "
+              "run this from the repository root (pip install -e '.[bench]')")
+        return 2
+    sys.path.insert(0, str(root))
+    module = importlib.import_module(f"benchmarks.{BENCHMARKS[args.which]}")
+    options = list(args.options)
+    if args.profile:
+        options.append("--profile")
+    return int(module.main(options) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigsmall-torch", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -177,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide"])
     inspect.add_argument("--no-tissue", action="store_true", help="skip the tissue fraction")
     inspect.set_defaults(run=run_inspect)
+    bench = commands.add_parser(
+        "bench", help="run a benchmark of benchmarks/ and print its table (from a source checkout)"
+    )
+    bench.add_argument("which", nargs="?", default="core", choices=sorted(BENCHMARKS))
+    bench.add_argument("--profile", action="store_true", help="break one worker's time down (core)")
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="options passed to the benchmark, e.g. --quick")
+    bench.set_defaults(run=run_bench)
     return parser
 
 
