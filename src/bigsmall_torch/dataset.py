@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import pickle
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any
@@ -29,9 +31,43 @@ from .reservoir import OnError, Reservoir, ReservoirStats
 from .schedulers import LabelBalancedScheduler, LeastVisitedScheduler, Scheduler
 from .slide import Backend, SlideCache
 
-__all__ = ["BigSmallDataset", "to_sample"]
+__all__ = ["BigSmallDataset", "check_resume_topology", "to_sample"]
 
 logger = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+
+
+def _loader_workers() -> int:
+    """The DataLoader's ``num_workers`` as the user gave it (0 in the main process)."""
+    info = torch.utils.data.get_worker_info()
+    return 0 if info is None else info.num_workers
+
+
+def check_resume_topology(what: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raise :class:`~bigsmall_torch.ConfigError` when a saved state's topology differs from the
+    current one (keys ``num_workers``, ``worker``, ``rank``, ``world_size``, ``batch_size``...)."""
+    if saved.get("version") != _STATE_VERSION:
+        raise ConfigError(f"{what}: state version {saved.get('version')!r} is not {_STATE_VERSION}")
+    for key, value in current.items():
+        if saved.get(key) != value:
+            raise ConfigError(
+                f"{what}: cannot resume with {key}={value!r}: the state was saved with "
+                f"{key}={saved.get(key)!r}; resume with the same DataLoader num_workers, batch_size, "
+                "rank and world size (or start the epoch afresh without load_state_dict)"
+            )
+
+
+class _Live:
+    """The position of the running iteration (what :meth:`BigSmallDataset.state_dict` reads)."""
+
+    def __init__(self, epoch: int, topology: dict[str, Any], yielded: int = 0) -> None:
+        self.epoch = epoch
+        self.topology = topology
+        self.yielded = yielded
+        self.finished = False
+        self.reservoir: Reservoir | None = None
+        self.pid = os.getpid()  # a forked worker ignores its parent's iteration
 
 
 def to_sample(small: SmallChunk) -> Sample:
@@ -159,6 +195,13 @@ class BigSmallDataset(IterableDataset[Sample]):
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._states: dict[Any, dict[str, Any]] = {}
         self.last_stats = ReservoirStats()  # of the latest iteration in this process
+        self._live: _Live | None = None  # the running iteration
+        self._pending: dict[str, Any] | None = None  # a loaded state the next __iter__ resumes
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_live"] = None  # holds a reservoir (threads): never sent to workers
+        return state
 
     def _check_sizes(self) -> None:
         chunk, patch = self.loader.chunk_size, self.collector.patch_size
@@ -261,9 +304,9 @@ class BigSmallDataset(IterableDataset[Sample]):
             return batched_quota(per_rank, self.batch_size, topo.num_workers, topo.worker)
         return split_evenly(per_rank, topo.num_workers, topo.worker)
 
-    def make_reservoir(self, topo: Topology) -> Reservoir:
-        """The reservoir of shard ``topo`` for the current epoch."""
-        epoch = self.epoch
+    def make_reservoir(self, topo: Topology, *, epoch: int | None = None) -> Reservoir:
+        """The reservoir of shard ``topo`` for ``epoch`` (default: the current epoch)."""
+        epoch = self.epoch if epoch is None else epoch
         labels = [p.label for p in self.dataset.patients]
         stratify = all(label is not None and isinstance(label, Hashable) for label in labels)
         shards = assign_shards(
@@ -286,26 +329,95 @@ class BigSmallDataset(IterableDataset[Sample]):
             board=self.board,
         )
 
+    # -- checkpointing (torchdata's StatefulDataLoader) --------------------------------------------
+
+    def _topology_state(self, topo: Topology) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION, "seed": self.seed, "rank": topo.rank, "world_size": topo.world_size,
+            "num_workers": _loader_workers(), "worker": topo.worker, "batch_size": self.batch_size,
+            "samples_per_epoch": self.samples_per_epoch, "buffer_size": self.buffer_size,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this worker's stream stands, for ``torchdata.stateful_dataloader.StatefulDataLoader``.
+
+        Called in each DataLoader worker (in the main process with ``num_workers=0``) between
+        batches. The state (plain types, numpy generator states and pickled bytes) holds the epoch,
+        the topology, the samples yielded, the recipes of the resident big chunks (patient and
+        generator state of each read, so they can be read again), the generators and the scheduler,
+        and the per-patient states. Before an iteration starts it means "the start of the epoch".
+
+        Resuming: ``StatefulDataLoader.load_state_dict`` passes it back to :meth:`load_state_dict`
+        in a fresh process; the stream then goes on sample for sample as if it had never stopped.
+        Messages and weights sent from the training loop are not saved: send them again.
+        """
+        live = self._live
+        if live is not None and live.pid == os.getpid():
+            state: dict[str, Any] = dict(live.topology, epoch=live.epoch, samples=live.yielded,
+                                         finished=live.finished, reservoir=None)  # fmt: skip
+            if live.reservoir is not None and not live.finished:
+                state["reservoir"] = live.reservoir.state()
+                if state["reservoir"] is None:  # resident chunks not loaded yet: nothing yielded
+                    state["samples"] = 0
+        elif self._pending is not None:
+            return self._pending
+        else:
+            topo = self.topology()
+            state = dict(self._topology_state(topo), epoch=self.epoch, samples=0, finished=False, reservoir=None)
+        state["states"] = pickle.dumps(self._states)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict` at the next iteration (``StatefulDataLoader`` calls it in each
+        worker before ``iter``). Also selects the saved epoch.
+
+        The DataLoader must have the same ``num_workers`` (and the dataset the same ``batch_size``,
+        seed, rank and world size) as when the state was saved: a different ``num_workers`` raises
+        :class:`~bigsmall_torch.ConfigError` naming both values when the iteration starts
+        (``StatefulDataLoader`` itself refuses a state saved with another number of workers with an
+        ``AssertionError`` before the dataset sees it).
+        """
+        if not isinstance(state, Mapping) or "epoch" not in state or "samples" not in state:
+            raise ConfigError(f"load_state_dict: not a BigSmallDataset state: {type(state).__name__}")
+        self._pending = dict(state)
+        self._epoch[0] = int(state["epoch"])
+        self._live = None
+
     def __iter__(self) -> Iterator[Any]:
         self._refresh_topology()
         self._check_epoch_split()
         topo = self.topology()
+        pending, self._pending = self._pending, None
+        live = _Live(self.epoch, self._topology_state(topo))
+        resume: dict[str, Any] | None = None
+        if pending is not None:
+            check_resume_topology("BigSmallDataset", pending, live.topology)
+            live.epoch = int(pending["epoch"])
+            live.yielded = int(pending["samples"])
+            self._states = pickle.loads(pending["states"])  # our own checkpoint
+            resume = pending["reservoir"]
+        self._live = live
         quota = self.shard_quota(topo)
-        if quota == 0:
+        if quota is not None:
+            quota -= live.yielded
+        if (quota is not None and quota <= 0) or (pending is not None and pending["finished"]):
+            live.finished = True
             return
-        reservoir = self.make_reservoir(topo)
+        reservoir = self.make_reservoir(topo, epoch=live.epoch)
+        live.reservoir = reservoir
         self.last_stats = reservoir.stats
-        stream = reservoir.stream()
+        stream = reservoir.stream(resume)
         try:
             if self.batch_size is None:
-                yield from self._samples(stream, quota)
+                yield from self._samples(stream, quota, live)
             else:
-                yield from self._batches(stream, quota, self.batch_size)
+                yield from self._batches(stream, quota, self.batch_size, live)
+            live.finished = True
         finally:
             stream.close()
             self.slides.close()
 
-    def _samples(self, stream: Iterator[SmallChunk], quota: int | None) -> Iterator[Sample]:
+    def _samples(self, stream: Iterator[SmallChunk], quota: int | None, live: _Live) -> Iterator[Sample]:
         stats, clock = self.last_stats, time.perf_counter
         for count, small in enumerate(stream, start=1):
             t0 = clock()
@@ -316,13 +428,16 @@ class BigSmallDataset(IterableDataset[Sample]):
             t2 = clock()
             stats.emit_s += t1 - t0
             stats.transform_s += t2 - t1
+            live.yielded += 1
+            if quota is not None and count >= quota:
+                live.finished = True
             yield sample
             stats.outside_s += clock() - t2
             if quota is not None and count >= quota:
                 return
 
     def _batches(
-        self, stream: Iterator[SmallChunk], quota: int | None, batch_size: int
+        self, stream: Iterator[SmallChunk], quota: int | None, batch_size: int, live: _Live
     ) -> Iterator[dict[str, Any]]:
         builder = BatchBuilder(batch_size)
         stats, clock = self.last_stats, time.perf_counter
@@ -338,6 +453,8 @@ class BigSmallDataset(IterableDataset[Sample]):
                 t2 = clock()
                 stats.emit_s += t1 - t0
                 stats.transform_s += t2 - t1
+                live.yielded += len(batch["patient_id"])
+                live.finished = last
                 yield batch
                 stats.outside_s += clock() - t2
             else:

@@ -5,15 +5,23 @@ A background thread asks the loader for the next big chunks, in an order fixed b
 and hands them over through a bounded queue; the consuming thread keeps ``buffer_size`` chunks resident
 and draws every small chunk from a randomly chosen resident chunk. The chunk order and every random
 draw depend only on the seeds, never on timing, so equal seeds give equal streams.
+
+Resuming: every big chunk travels with its *recipe* (which candidate, and the loader generator's
+state just before it was read) and a snapshot of the loading thread taken right after it was read.
+:meth:`Reservoir.state` records the recipes of the resident chunks, how many samples each gave, the
+collector generator and the snapshot of the last chunk taken; :meth:`Reservoir.stream` given that
+state re-reads the resident chunks from their recipes and restarts the loading thread from the
+snapshot, so the stream goes on exactly as if it had never stopped.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import queue
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -29,6 +37,8 @@ from .schedulers import Candidate, LeastVisitedScheduler, Scheduler
 from .slide import SlideCache
 
 __all__ = ["OnError", "Reservoir", "ReservoirStats"]
+
+RngState = Mapping[str, Any]  # ``numpy.random.Generator.bit_generator.state``
 
 logger = logging.getLogger(__name__)
 
@@ -86,19 +96,63 @@ class _Done:
     pass
 
 
+@dataclass
+class _Loaded:
+    """A big chunk with what it takes to read it again and to restart the loading thread after it."""
+
+    chunk: BigChunk
+    recipe: tuple[int, RngState]  # candidate index, loader generator state before the read
+    producer: dict[str, Any]  # the loading thread's snapshot right after the read
+
+
+def _generator(state: RngState) -> np.random.Generator:
+    """A generator whose bit generator has the state ``state``."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return rng
+
+
 class _LoaderThread(threading.Thread):
     """Loads big chunks in scheduler order and puts them into a bounded queue."""
 
-    def __init__(self, reservoir: Reservoir) -> None:
+    def __init__(self, reservoir: Reservoir, resume: dict[str, Any] | None = None) -> None:
         super().__init__(name="bigsmall-loader", daemon=True)
         self.r = reservoir
-        self.out: queue.Queue[BigChunk | _Failure | _Done] = queue.Queue(maxsize=reservoir.prefetch)
+        self.out: queue.Queue[_Loaded | _Failure | _Done] = queue.Queue(maxsize=reservoir.prefetch)
         self.stop = threading.Event()
         self._initial: list[Candidate] = []
         self._initial_done = False
         self._warned_weights = False
+        self.empty_in_a_row = 0
+        if resume is not None:
+            self._restore(resume)
 
-    def _put(self, item: BigChunk | _Failure | _Done) -> bool:
+    def snapshot(self) -> dict[str, Any]:
+        """What the loading thread needs to go on from here (plain types and bytes)."""
+        r = self.r
+        index = {id(c): i for i, c in enumerate(r.candidates)}
+        return {
+            "loader_rng": r.loader_rng.bit_generator.state,
+            "scheduler": pickle.dumps(r.scheduler),
+            "candidates": [(c.visits, c.weight) for c in r.candidates],
+            "initial": [index[id(c)] for c in self._initial],
+            "initial_done": self._initial_done,
+            "empty_in_a_row": self.empty_in_a_row,
+            "skipped_ids": pickle.dumps(sorted(r.skipped_ids, key=repr)),
+        }
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        r = self.r
+        r.loader_rng.bit_generator.state = snap["loader_rng"]
+        r.scheduler = pickle.loads(snap["scheduler"])  # our own checkpoint
+        for candidate, (visits, weight) in zip(r.candidates, snap["candidates"], strict=True):
+            candidate.visits, candidate.weight = int(visits), float(weight)
+        self._initial = [r.candidates[i] for i in snap["initial"]]
+        self._initial_done = bool(snap["initial_done"])
+        self.empty_in_a_row = int(snap["empty_in_a_row"])
+        r.skipped_ids = set(pickle.loads(snap["skipped_ids"]))
+
+    def _put(self, item: _Loaded | _Failure | _Done) -> bool:
         while not self.stop.is_set():
             try:
                 self.out.put(item, timeout=_POLL_S)
@@ -137,7 +191,7 @@ class _LoaderThread(threading.Thread):
 
     def run(self) -> None:
         r = self.r
-        empty_in_a_row = 0
+        index = {id(c): i for i, c in enumerate(r.candidates)}
         try:
             while not self.stop.is_set():
                 candidate = self._next()
@@ -152,6 +206,7 @@ class _LoaderThread(threading.Thread):
                         f"{[c.patient.id for c in r.candidates][:10]}"
                     )
                 ctx = r.context(candidate.patient, candidate.part, r.loader_rng)
+                recipe = (index[id(candidate)], r.loader_rng.bit_generator.state)
                 started = time.perf_counter()
                 try:
                     chunk = r.loader.extract_bigchunk(candidate.patient, ctx)
@@ -166,10 +221,10 @@ class _LoaderThread(threading.Thread):
                     )
                     continue
                 if chunk is None:
-                    empty_in_a_row += 1
-                    if empty_in_a_row >= 2 * len(r.candidates) + 8:
+                    self.empty_in_a_row += 1
+                    if self.empty_in_a_row >= 2 * len(r.candidates) + 8:
                         raise StreamError(
-                            f"{type(r.loader).__name__} returned no big chunk for {empty_in_a_row} "
+                            f"{type(r.loader).__name__} returned no big chunk for {self.empty_in_a_row} "
                             f"requests in a row (patients {[c.patient.id for c in r.candidates][:10]}...)"
                         )
                     continue
@@ -178,10 +233,10 @@ class _LoaderThread(threading.Thread):
                         f"{type(r.loader).__name__}.extract_bigchunk must return a BigChunk or None, "
                         f"got {type(chunk).__name__}"
                     )
-                empty_in_a_row = 0
+                self.empty_in_a_row = 0
                 r.stats.chunks_loaded += 1
                 r.stats.load_s += time.perf_counter() - started
-                if not self._put(chunk):
+                if not self._put(_Loaded(chunk, recipe, self.snapshot())):
                     return
         except BaseException as exc:  # handed to the consumer, which re-raises it
             self._put(_Failure(exc))
@@ -237,6 +292,14 @@ class Reservoir:
         self.on_error = on_error
         self.stats = ReservoirStats()
         self._thread: _LoaderThread | None = None
+        for c in self.candidates:  # so that the loading thread never adds keys (state() reads it)
+            self.states.setdefault(c.patient.id, {})
+        # The consumer's position, read by state(): per resident slot its recipe and sample count,
+        # and the loading thread's snapshot after the last chunk taken.
+        self._recipes: list[tuple[int, RngState]] = []
+        self._counts: list[int] = []
+        self._producer: dict[str, Any] | None = None
+        self._last_recipe: tuple[int, RngState] = (0, {})
 
     def is_skipped(self, candidate: Candidate) -> bool:
         return candidate.patient.id in self.skipped_ids
@@ -253,14 +316,42 @@ class Reservoir:
             rng=rng, state=state, slides=self.slides, part=part, board=self.board, patient_id=patient.id
         )
 
+    def state(self) -> dict[str, Any] | None:
+        """Where the stream stands (plain types and bytes), or None before the resident chunks are
+        loaded. Meaningful between two samples (while the stream is suspended at a ``yield``)."""
+        if self._producer is None or len(self._recipes) < self.buffer_size:
+            return None
+        return {
+            "resident": [
+                [index, state, count] for (index, state), count in zip(self._recipes, self._counts, strict=True)
+            ],
+            "producer": self._producer,
+            "collector_rng": self.collector_rng.bit_generator.state,
+        }
+
     def _take(self, thread: _LoaderThread) -> BigChunk:
         started = time.perf_counter()
         try:
-            return self._wait_for_chunk(thread)
+            loaded = self._wait_for_chunk(thread)
         finally:
             self.stats.wait_s += time.perf_counter() - started
+        self._producer = loaded.producer
+        self._last_recipe = loaded.recipe
+        return loaded.chunk
 
-    def _wait_for_chunk(self, thread: _LoaderThread) -> BigChunk:
+    def _reread(self, index: int, state: RngState) -> BigChunk:
+        """The big chunk of a recipe, read again (same candidate, same generator state)."""
+        candidate = self.candidates[index]
+        ctx = self.context(candidate.patient, candidate.part, _generator(state))
+        chunk = self.loader.extract_bigchunk(candidate.patient, ctx)
+        if not isinstance(chunk, BigChunk):
+            raise StreamError(
+                f"cannot resume: {type(self.loader).__name__} gave {type(chunk).__name__} instead of "
+                f"the big chunk of patient {candidate.patient.id!r} it read before"
+            )
+        return chunk
+
+    def _wait_for_chunk(self, thread: _LoaderThread) -> _Loaded:
         while True:
             try:
                 item = thread.out.get(timeout=_POLL_S)
@@ -274,23 +365,49 @@ class Reservoir:
                 raise StreamError("the big-chunk loading thread stopped")
             return item
 
-    def stream(self) -> Generator[SmallChunk, None, None]:
-        """Small chunks, endlessly; closing the iterator stops the loading thread."""
-        thread = _LoaderThread(self)
+    def stream(self, resume: dict[str, Any] | None = None) -> Generator[SmallChunk, None, None]:
+        """Small chunks, endlessly; closing the iterator stops the loading thread.
+
+        With ``resume`` (a :meth:`state` of a reservoir built with the same arguments) the stream
+        goes on exactly where that one stood.
+        """
+        resident: list[BigChunk] = []
+        if resume is not None:
+            if len(resume["resident"]) != self.buffer_size:
+                raise StreamError(
+                    f"cannot resume: the saved state has {len(resume['resident'])} resident chunks, "
+                    f"buffer_size is {self.buffer_size}"
+                )
+            self.collector_rng.bit_generator.state = resume["collector_rng"]
+            for index, state, count in resume["resident"]:
+                resident.append(self._reread(int(index), state))
+                self._recipes.append((int(index), state))
+                self._counts.append(int(count))
+            self._producer = resume["producer"]
+        thread = _LoaderThread(self, None if resume is None else resume["producer"])
         self._thread = thread
         thread.start()
         try:
-            yield from self._draw(thread)
+            yield from self._draw(thread, resident)
         finally:
             self.close()
 
-    def _draw(self, thread: _LoaderThread) -> Iterator[SmallChunk]:
+    def _draw(self, thread: _LoaderThread, resident: list[BigChunk]) -> Iterator[SmallChunk]:
         rng = self.collector_rng
-        resident = [self._take(thread) for _ in range(self.buffer_size)]
-        counts = [0] * self.buffer_size
+        recipes, counts = self._recipes, self._counts
+        for _ in range(len(resident), self.buffer_size):
+            resident.append(self._take(thread))
+            recipes.append(self._last_recipe)
+            counts.append(0)
         contexts = [self._chunk_context(c) for c in resident]
         empty_in_a_row = 0
         limit = self.smallchunks_per_bigchunk
+        for slot in range(self.buffer_size):  # resumed just after a slot's last sample: retire it
+            if counts[slot] >= limit:
+                self.stats.chunks_retired += 1
+                resident[slot] = self._take(thread)
+                recipes[slot], counts[slot] = self._last_recipe, 0
+                contexts[slot] = self._chunk_context(resident[slot])
         while True:
             slot = int(rng.integers(self.buffer_size))
             chunk = resident[slot]
@@ -318,7 +435,7 @@ class Reservoir:
             if small is None or counts[slot] >= limit:
                 self.stats.chunks_retired += 1
                 resident[slot] = self._take(thread)
-                counts[slot] = 0
+                recipes[slot], counts[slot] = self._last_recipe, 0
                 contexts[slot] = self._chunk_context(resident[slot])
 
     def _chunk_context(self, chunk: BigChunk) -> ChunkContext:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -28,7 +29,7 @@ from ._sharding import current_topology, distributed_rank_and_world, split_evenl
 from ._validate import positive_int, size_pair
 from .chunks import SmallChunk, channel_planar
 from .data import Dataset, Patient
-from .dataset import to_sample
+from .dataset import _STATE_VERSION, _loader_workers, check_resume_topology, to_sample
 from .errors import ConfigError, SlideError
 from .reservoir import OnError
 from .resolution import DEFAULT_TOLERANCE, LevelChoice, Resolution, extent, read_at
@@ -217,6 +218,8 @@ class SlidingWindowDataset(IterableDataset[Any]):
         self._blocks = [b for i, g in enumerate(self.grids) for b in self._slide_blocks(i, g)]
         sizes = np.array([len(b.cells) for b in self._blocks], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self._live: dict[str, Any] | None = None  # the running iteration's state (see state_dict)
+        self._pending: dict[str, Any] | None = None  # a loaded state the next __iter__ resumes
 
     # -- the grid --------------------------------------------------------------------------------
 
@@ -362,24 +365,71 @@ class SlidingWindowDataset(IterableDataset[Any]):
             info = {"x": lx, "y": ly, "level": grid.choice.level, "mpp": mpp, "row": int(row), "col": int(col)}
             yield SmallChunk(data[cy : cy + ph, cx : cx + pw], info, block_info, patient)
 
+    # -- checkpointing (torchdata's StatefulDataLoader) --------------------------------------------
+
+    def _topology_state(self) -> dict[str, Any]:
+        topo = current_topology(self.rank, self.world_size)
+        return {
+            "version": _STATE_VERSION, "rank": topo.rank, "world_size": topo.world_size,
+            "num_workers": _loader_workers(), "worker": topo.worker, "batch_size": self.batch_size,
+            "total_windows": self.total_windows,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """How many windows this worker has yielded, for ``torchdata``'s ``StatefulDataLoader``.
+
+        Resuming (``StatefulDataLoader.load_state_dict``, which calls :meth:`load_state_dict` in each
+        worker) starts each worker's range that many windows later: no window is repeated or lost.
+        """
+        live = self._live
+        if live is not None and live["pid"] == os.getpid():
+            return {k: v for k, v in live.items() if k != "pid"}
+        if self._pending is not None:
+            return self._pending
+        return dict(self._topology_state(), windows=0)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict` at the next iteration.
+
+        The DataLoader must have the same ``num_workers`` (and the dataset the same ``batch_size``,
+        rank, world size and windows) as when the state was saved: a different ``num_workers`` raises
+        :class:`~bigsmall_torch.ConfigError` naming both values when the iteration starts
+        (``StatefulDataLoader`` itself refuses a state saved with another number of workers with an
+        ``AssertionError`` before the dataset sees it).
+        """
+        if not isinstance(state, Mapping) or "windows" not in state:
+            raise ConfigError(f"load_state_dict: not a SlidingWindowDataset state: {type(state).__name__}")
+        self._pending = dict(state)
+        self._live = None
+
     def __iter__(self) -> Iterator[Any]:
         self._refresh_topology()
         topo = current_topology(self.rank, self.world_size)
         start, stop = self.worker_range(topo.rank, topo.world_size, topo.worker, topo.num_workers)
+        live = dict(self._topology_state(), windows=0, pid=os.getpid())
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            check_resume_topology("SlidingWindowDataset", pending, self._topology_state())
+            live["windows"] = int(pending["windows"])
+            start = min(start + live["windows"], stop)
+        self._live = live
         try:
             if self.batch_size is None:
                 for small in self._windows(start, stop):
                     sample = to_sample(small)
                     if self.transform is not None:
                         sample["image"] = self.transform(sample["image"])
+                    live["windows"] += 1
                     yield sample
             else:
                 builder = BatchBuilder(self.batch_size)
                 for small in self._windows(start, stop):
                     builder.add(small)
                     if len(builder) == self.batch_size:
+                        live["windows"] += len(builder)
                         yield self._finish(builder)
                 if len(builder):
+                    live["windows"] += len(builder)
                     yield self._finish(builder)
         finally:
             self.slides.close()
