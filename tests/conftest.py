@@ -4,6 +4,9 @@ slides of ``../shared/slides`` (override with ``BIGSMALL_SHARED_SLIDES``)."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -44,3 +47,17 @@ def cmu1(shared_slides: Path) -> Path:
 @pytest.fixture(scope="session")
 def broken_svs(shared_slides: Path) -> Path:
     return shared_slides / "broken.svs"
+
+
+def run_process_group(command: Sequence[str], *, timeout: float = 300) -> tuple[int, str]:
+    """Run ``command`` in its own process group and return (exit code, stderr). On a timeout the
+    whole group is killed (a multi-process launcher's children too) and TimeoutExpired is raised."""
+    proc = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, stderr

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from conftest import run_process_group
 
 SCRIPT = Path(__file__).parent / "scripts" / "torchrun_streams.py"
 
 
 def test_torchrun_two_ranks(slide_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "gathered.json"
-    result = subprocess.run(
+    code, stderr = run_process_group(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(SCRIPT), str(slide_folder), str(out)],
-        capture_output=True, text=True, timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert code == 0, stderr[-3000:]
     ranks = json.loads(out.read_text())
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
     # Training: each rank half of the epoch, the same number of batches, disjoint patients.

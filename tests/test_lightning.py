@@ -4,7 +4,6 @@ and two DDP ranks get disjoint streams of equal length."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 
 import bigsmall_torch as bst
 from bigsmall_torch.lightning import BigSmallDataModule
+from conftest import run_process_group
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -91,11 +91,8 @@ def test_bad_arguments(slide_folder: Path) -> None:
 
 
 def test_ddp_two_ranks_get_disjoint_streams_of_equal_length(slide_folder: Path, tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "lightning_ddp.py"), str(slide_folder), str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, stderr = run_process_group([sys.executable, str(SCRIPTS / "lightning_ddp.py"), str(slide_folder), str(tmp_path)])
+    assert code == 0, stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["batches"] == ranks[1]["batches"] == 2 * 8  # 2 epochs x 64 samples / 8, on each rank
     for epoch in ("0", "1"):
