@@ -17,6 +17,7 @@ __all__ = [
     "REAL_SLIDE",
     "REPO_ROOT",
     "LoaderTiming",
+    "cpu_seconds",
     "markdown_table",
     "peak_rss_mib",
     "prepare_slides",
@@ -96,10 +97,30 @@ class LoaderTiming:
     first_batch_s: float
     worker_peak_rss_mib: list[float | None] = field(default_factory=list)
     main_peak_rss_mib: float | None = None
+    cpu_s: float | None = None  # CPU seconds of the main process and the workers while timed
 
     @property
     def patches_per_s(self) -> float:
         return self.patches / self.seconds
+
+    @property
+    def cpu_us_per_patch(self) -> float | None:
+        """CPU microseconds (all processes of the loader) per patch: unlike patches/s, barely
+        changed by other work competing for the cores."""
+        return None if self.cpu_s is None else 1e6 * self.cpu_s / self.patches
+
+
+def cpu_seconds(pids: Sequence[int]) -> float | None:
+    """User + system CPU seconds used so far by processes ``pids`` (all their threads); None when
+    one has ended or psutil is missing."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
+    except psutil.Error:
+        return None
 
 
 def _check_batch(batch: Any, batch_size: int, patch: int) -> None:
@@ -111,11 +132,20 @@ def _check_batch(batch: Any, batch_size: int, patch: int) -> None:
         )
 
 
-def time_loader(loader: DataLoader, *, warmup: int, batches: int, patch: int) -> LoaderTiming:
+def time_loader(
+    loader: DataLoader,
+    *,
+    warmup: int,
+    batches: int,
+    patch: int,
+    batch_size: int | None = None,
+) -> LoaderTiming:
     """Time ``loader`` from a cold iterator (fresh workers).
 
     The first batch is timed from ``iter(loader)``; then ``warmup`` batches are skipped and the next
     ``batches`` timed. Peak RSS of every worker is read just before the workers are shut down.
+    ``batch_size`` is the expected batch length, by default the loader's own (give it for datasets
+    that yield whole batches, used with ``DataLoader(batch_size=None)``).
     """
     reset_peak_rss()
     start = time.perf_counter()
@@ -123,14 +153,17 @@ def time_loader(loader: DataLoader, *, warmup: int, batches: int, patch: int) ->
     try:
         first = next(iterator)
         first_batch_s = time.perf_counter() - start
-        _check_batch(first, loader.batch_size or 1, patch)
+        _check_batch(first, batch_size or loader.batch_size or 1, patch)
         for _ in range(warmup):
             next(iterator)
+        pids = [os.getpid(), *(w.pid for w in getattr(iterator, "_workers", []))]
         patches = 0
-        start = time.perf_counter()
+        cpu_start, start = cpu_seconds(pids), time.perf_counter()
         for _ in range(batches):
             patches += len(next(iterator)["image"])
         seconds = time.perf_counter() - start
+        cpu_end = cpu_seconds(pids)
+        cpu = None if cpu_start is None or cpu_end is None else cpu_end - cpu_start
         workers = [peak_rss_mib(w.pid) for w in getattr(iterator, "_workers", [])]
     except StopIteration:
         raise RuntimeError(
@@ -140,7 +173,7 @@ def time_loader(loader: DataLoader, *, warmup: int, batches: int, patch: int) ->
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-    return LoaderTiming(patches, seconds, first_batch_s, workers, peak_rss_mib(os.getpid()))
+    return LoaderTiming(patches, seconds, first_batch_s, workers, peak_rss_mib(os.getpid()), cpu)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
