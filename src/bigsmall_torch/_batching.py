@@ -42,10 +42,13 @@ def batched_quota(total: int, batch_size: int, num_workers: int, worker: int) ->
 
 
 def _new_images(shape: tuple[int, ...]) -> torch.Tensor:
-    images = torch.empty(shape, dtype=torch.uint8)
-    if torch.utils.data.get_worker_info() is not None:
-        images.share_memory_()  # sent to the main process without a copy
-    return images
+    """An uninitialised uint8 tensor; in a DataLoader worker it is allocated in shared memory from
+    the start (as ``default_collate`` does), so it reaches the main process without any copy."""
+    template = torch.empty(0, dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = template._typed_storage()._new_shared(math.prod(shape), device=template.device)
+    return template.new(storage).resize_(shape)
 
 
 class BatchBuilder:
