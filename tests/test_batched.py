@@ -100,3 +100,22 @@ def test_pixels_of_batched_mode_match_the_reader(slide_folder: Path) -> None:
             reader = readers.setdefault(pid, bst.open_slide(slide_folder / f"{pid}.tiff"))
             expected = reader.read(int(batch["x"][i]), int(batch["y"][i]), 0, 64, 64)
             assert np.array_equal(batch["image"][i].permute(1, 2, 0).numpy(), expected)
+
+
+def test_gpu_style_augmentation_on_a_uint8_batch(slide_folder: Path) -> None:
+    """The fast pattern: uint8 batches leave the workers; conversion, normalisation and augmentation
+    run on the whole batch on the device (here the CPU stands in for the GPU)."""
+    from torchvision.transforms import v2
+
+    augment = v2.Compose([
+        v2.RandomHorizontalFlip(p=1.0),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]),
+    ])
+    batch = next(iter(DataLoader(make(slide_folder, batch_size=16), batch_size=None, num_workers=2)))
+    images = batch["image"]
+    assert images.dtype == torch.uint8
+    out = augment(images)
+    assert out.shape == images.shape and out.dtype == torch.float32
+    expected = (images.flip(-1).float() / 255 - 0.5) / 0.25
+    assert torch.allclose(out, expected, atol=1e-5)
