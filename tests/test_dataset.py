@@ -226,7 +226,7 @@ def test_an_abandoned_iterator_stops_its_thread_when_collected(slide_folder: Pat
         ({"smallchunks_per_bigchunk": -1}, "smallchunks_per_bigchunk must be an int >= 1"),
         ({"samples_per_epoch": 0}, "samples_per_epoch must be an int >= 1"),
         ({"seed": -1}, "seed must be an int >= 0"),
-        ({"on_error": "ignore"}, "on_error must be 'raise' or 'skip'"),
+        ({"on_error": "ignore"}, "on_error must be one of 'raise', 'skip'"),
         ({"backend": "pillow"}, "backend must be one of"),
         ({"samples_per_epoch": 99, "world_size": 2, "rank": 0}, "divisible by the world size 2"),
         ({"rank": 2, "world_size": 2}, "rank must be in"),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 
@@ -22,3 +23,22 @@ def size_pair(name: str, value: Any) -> tuple[int, int]:
         n = positive_int(name, value)
         return n, n
     raise ConfigError(f"{name} must be a positive int or a (width, height) pair, got {value!r}")
+
+
+T = TypeVar("T")
+
+
+def optional_callable(name: str, value: T) -> T:
+    """``value`` when it is callable or None, else a :class:`ConfigError` naming ``name``."""
+    if value is not None and not callable(value):
+        raise ConfigError(f"{name} must be callable or None, got {value!r}")
+    return value
+
+
+def choice(name: str, value: Any, kind: Callable[[Any], T]) -> T:
+    """``kind(value)`` for a str-valued Enum ``kind``, or a :class:`ConfigError` listing what is allowed."""
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in kind)  # type: ignore[attr-defined]
+        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}") from None

@@ -22,7 +22,7 @@ from ._sharding import (
     split_evenly,
 )
 from ._types import Sample
-from ._validate import positive_int
+from ._validate import choice, optional_callable, positive_int
 from .chunks import BigChunkLoader, SmallChunk, SmallChunkCollector
 from .data import Dataset
 from .errors import ConfigError
@@ -172,16 +172,11 @@ class BigSmallDataset(IterableDataset[Sample]):
             if missing:
                 raise ConfigError(f"LabelBalancedScheduler needs a label on every patient; unlabelled: {missing[:10]}")
         self.board = MessageBoard()
-        if transform is not None and not callable(transform):
-            raise ConfigError(f"transform must be callable or None, got {transform!r}")
-        self.transform = transform
+        self.transform = optional_callable("transform", transform)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed must be an int >= 0, got {seed!r}")
         self.seed = seed
-        try:
-            self.on_error = OnError(on_error)
-        except ValueError:
-            raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}") from None
+        self.on_error = choice("on_error", on_error, OnError)
         self.slides = SlideCache(
             positive_int("max_open_slides", max_open_slides), backend=backend, decode_threads=decode_threads
         )

@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset
 
 from ._batching import BatchBuilder, batch_count
 from ._sharding import current_topology, distributed_rank_and_world, split_evenly
-from ._validate import positive_int, size_pair
+from ._validate import choice, optional_callable, positive_int, size_pair
 from .chunks import SmallChunk, channel_planar
 from .data import Dataset, Patient
 from .dataset import _STATE_VERSION, _loader_workers, check_resume_topology, to_sample
@@ -189,10 +189,7 @@ class SlidingWindowDataset(IterableDataset[Any]):
         self.resolution = Resolution.from_args(
             "SlidingWindowDataset", level=level, mpp=mpp, magnification=magnification, tolerance=tolerance
         )
-        try:
-            self.edge = Edge(edge)
-        except ValueError:
-            raise ConfigError(f"edge must be one of 'drop', 'shift', 'pad', got {edge!r}") from None
+        self.edge = choice("edge", edge, Edge)
         if not 0 <= min_tissue <= 1:
             raise ConfigError(f"min_tissue must be in [0, 1], got {min_tissue!r}")
         self.tissue_only, self.min_tissue = bool(tissue_only), float(min_tissue)
@@ -202,13 +199,8 @@ class SlidingWindowDataset(IterableDataset[Any]):
         self.record_key = record_key
         self.block_size = positive_int("block_size", block_size)
         self.batch_size = None if batch_size is None else positive_int("batch_size", batch_size)
-        if transform is not None and not callable(transform):
-            raise ConfigError(f"transform must be callable or None, got {transform!r}")
-        self.transform = transform
-        try:
-            self.on_error = OnError(on_error)
-        except ValueError:
-            raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}") from None
+        self.transform = optional_callable("transform", transform)
+        self.on_error = choice("on_error", on_error, OnError)
         self.slides = SlideCache(
             positive_int("max_open_slides", max_open_slides), backend=backend, decode_threads=decode_threads
         )
