@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import bigsmall_torch as bst
+from bigsmall_torch import _batch_ring
 from bigsmall_torch._batching import batched_quota
 from bigsmall_torch.chunks import BigChunk, ChunkContext, SmallChunk
 
@@ -59,9 +60,65 @@ def test_batched_quota_deals_whole_batches() -> None:
         assert sum(-(-q // size) for q in quotas) == -(-total // size)  # no extra partial batches
 
 
-def test_batches_from_workers_arrive_in_shared_memory(slide_folder: Path) -> None:
-    batch = next(iter(DataLoader(make(slide_folder, batch_size=16), batch_size=None, num_workers=2)))
-    assert batch["image"].is_shared()
+def stream(loader: DataLoader[Any]) -> list[tuple[Any, ...]]:
+    """Every sample of every batch, read while the batch is alive (so its slot can be reused)."""
+    return [sample for batch in loader for sample in flatten([batch])]
+
+
+def test_worker_batches_reuse_their_shared_memory_slots(slide_folder: Path) -> None:
+    ds = make(slide_folder, batch_size=8, samples_per_epoch=320)  # 40 batches
+    loader = DataLoader(ds, batch_size=None, num_workers=2)
+    addresses = []
+    for batch in loader:
+        addresses.append(batch["image"].data_ptr())
+        del batch  # hands the slot back
+    assert len(addresses) == 40
+    assert len(set(addresses)) <= 2 * 5  # a few slots per worker, each mapped once, not 40 buffers
+    per_sample = DataLoader(make(slide_folder, samples_per_epoch=320), batch_size=8, num_workers=2)
+    assert stream(loader) == flatten(list(per_sample))
+
+
+def test_kept_batches_are_never_overwritten(slide_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training loop that keeps its batches exhausts the slots; later batches get their own memory."""
+    monkeypatch.setattr(_batch_ring, "MAX_SLOTS", 2)  # read by forked workers
+    kept = list(DataLoader(make(slide_folder, batch_size=8, samples_per_epoch=160), batch_size=None, num_workers=2))
+    assert len({b["image"].data_ptr() for b in kept}) == 20
+    per_sample = DataLoader(make(slide_folder, samples_per_epoch=160), batch_size=8, num_workers=2)
+    assert flatten(kept) == flatten(list(per_sample))
+
+
+@pytest.mark.parametrize("kind", ["new tensor", "in place", "view"])
+def test_transforms_in_workers_with_slots(slide_folder: Path, kind: str) -> None:
+    transforms = {
+        "new tensor": lambda images: images.flip(-1),
+        "in place": lambda images: images.sub_(1),
+        "view": lambda images: images[:, :, 8:-8, 8:-8],
+    }
+    plain = list(DataLoader(make(slide_folder, batch_size=8, samples_per_epoch=128), batch_size=None, num_workers=2))
+    expected = flatten([{**b, "image": transforms[kind](b["image"].clone())} for b in plain])
+    ds = make(slide_folder, batch_size=8, samples_per_epoch=128, transform=transforms[kind])
+    loader = DataLoader(ds, batch_size=None, num_workers=2)
+    assert stream(loader) == expected and len(expected) == 128
+    assert stream(loader) == expected  # again, through slots released in the first epoch
+
+
+def test_metadata_keeps_its_dtypes_through_workers(slide_folder: Path) -> None:
+    ds = make(slide_folder, batch_size=8, samples_per_epoch=32)
+    local = next(iter(ds))
+    remote = next(iter(DataLoader(ds, batch_size=None, num_workers=1)))
+    assert type(remote) is dict and list(remote) == list(local)
+    for key, value in local.items():
+        if isinstance(value, torch.Tensor):
+            assert remote[key].dtype == value.dtype and torch.equal(remote[key], value), key
+        else:
+            assert remote[key] == value, key
+
+
+def test_rings_of_finished_workers_are_unmapped(slide_folder: Path) -> None:
+    loader = DataLoader(make(slide_folder, batch_size=8, samples_per_epoch=64), batch_size=None, num_workers=2)
+    for _ in range(3):
+        stream(loader)
+    assert len(_batch_ring._MAPPED) <= 2  # this epoch's workers only
 
 
 def test_transform_gets_the_whole_batch(slide_folder: Path) -> None:

@@ -101,7 +101,9 @@ def test_workers_own_disjoint_patients(slide_folder: Path) -> None:
 
 
 def test_chunk_retires_after_smallchunks_per_bigchunk(slide_folder: Path) -> None:
-    ds = make(slide_folder, smallchunks_per_bigchunk=5, samples_per_epoch=200)
+    # Unaligned placement, so that two chunks of one patient never share an origin.
+    loader = bst.RandomRegionLoader(512, tile_aligned=False)
+    ds = make(slide_folder, smallchunks_per_bigchunk=5, samples_per_epoch=200, loader=loader)
     per_chunk = collections.Counter((s["patient_id"], s["chunk_x"], s["chunk_y"]) for s in ds)
     assert max(per_chunk.values()) <= 5
     assert sum(per_chunk.values()) == 200 and len(per_chunk) >= 40

@@ -69,11 +69,21 @@ def test_tissue_only_chunks_and_min_tissue_crops(tissue_slides: dict[str, Synthe
 
 def test_chunk_placement_is_weighted_by_tissue_area(tissue_slides: dict[str, SyntheticSlideInfo]) -> None:
     info = tissue_slides["blobs"]
-    loader = bst.RandomRegionLoader(64, tissue_only=True)
+    loader = bst.RandomRegionLoader(64, tissue_only=True, tile_aligned=False)
     samples = list(_tissue_ds(info, loader=loader, collector=bst.RandomCropCollector(64)))
     # 64x64 chunks centred on tissue cells: their centres are on tissue.
     on_tissue = [truth_fraction(info, s["x"] + 30, s["y"] + 30, 4, 4) > 0 for s in samples]
     assert np.mean(on_tissue) > 0.95
+
+
+def test_aligned_tissue_chunks_still_hold_their_tissue_point(tissue_slides: dict[str, SyntheticSlideInfo]) -> None:
+    info = tissue_slides["blobs"]
+    for size in (64, 512):  # shorter than a tile (centred, off the grid) and longer (on the grid)
+        loader = bst.RandomRegionLoader(size, tissue_only=True)
+        samples = list(_tissue_ds(info, loader=loader, collector=bst.RandomCropCollector(size)))
+        assert np.mean([truth_fraction(info, s["x"], s["y"], size, size) > 0 for s in samples]) > 0.95
+        aligned = [s["x"] % 256 == 0 and s["y"] % 256 == 0 for s in samples]
+        assert np.mean(aligned) > 0.5 if size == 512 else np.mean(aligned) < 0.2
 
 
 def test_slide_without_tissue_stops_the_stream_clearly(tissue_slides: dict[str, SyntheticSlideInfo]) -> None:

@@ -1,8 +1,8 @@
 """Batched mode: whole batches assembled inside the worker.
 
-Crops are written straight into one uint8 batch tensor that lives in shared memory when built in a
-DataLoader worker (so handing it to the main process copies nothing), and metadata becomes small
-tensors. Used with ``DataLoader(dataset, batch_size=None)``.
+Crops are written straight into one uint8 batch tensor that, in a DataLoader worker, is a reusable
+shared-memory slot (:mod:`~bigsmall_torch._batch_ring`), so handing it to the main process copies
+nothing; metadata becomes small tensors. Used with ``DataLoader(dataset, batch_size=None)``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from ._batch_ring import RingBatch, _Lease, acquire_images
 from ._sharding import split_evenly
 from .chunks import SmallChunk
 from .errors import ExtractorError
@@ -41,22 +42,13 @@ def batched_quota(total: int, batch_size: int, num_workers: int, worker: int) ->
     return samples
 
 
-def _new_images(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised uint8 tensor; in a DataLoader worker it is allocated in shared memory from
-    the start (as ``default_collate`` does), so it reaches the main process without any copy."""
-    template = torch.empty(0, dtype=torch.uint8)
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = template._typed_storage()._new_shared(math.prod(shape), device=template.device)
-    return template.new(storage).resize_(shape)
-
-
 class BatchBuilder:
     """Collects up to ``batch_size`` small chunks into one batch dict."""
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
         self._images: torch.Tensor | None = None
+        self._lease: _Lease | None = None
         self._array: np.ndarray | None = None
         self._meta: list[dict[str, Any]] = []
 
@@ -67,7 +59,7 @@ class BatchBuilder:
         data = small.data
         chw = data.transpose(2, 0, 1) if data.ndim == 3 else data[None]
         if self._array is None:
-            self._images = _new_images((self.batch_size, *chw.shape))
+            self._images, self._lease = acquire_images((self.batch_size, *chw.shape))
             self._array = self._images.numpy()
         elif chw.shape != self._array.shape[1:]:
             raise ExtractorError(
@@ -85,8 +77,13 @@ class BatchBuilder:
         """The batch (``image`` [n, C, H, W] uint8 plus collated metadata); resets the builder."""
         assert self._images is not None, "build() on an empty BatchBuilder"
         n = len(self._meta)
-        batch: dict[str, Any] = {"image": self._images[:n] if n < self.batch_size else self._images}
+        images = self._images[:n] if n < self.batch_size else self._images
+        batch: dict[str, Any] = {"image": images}
         for key in self._meta[0]:
             batch[key] = default_collate([m[key] for m in self._meta])
-        self._images, self._array, self._meta = None, None, []
+        if torch.utils.data.get_worker_info() is not None:  # to be pickled to the main process
+            if self._lease is not None:
+                self._lease.tensor = images
+            batch = RingBatch(batch, self._lease)
+        self._images, self._lease, self._array, self._meta = None, None, None, []
         return batch

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
+from ._batch_ring import apply_transform
 from ._batching import BatchBuilder, batch_count, batched_quota
 from ._sharding import (
     Topology,
@@ -444,7 +445,7 @@ class BigSmallDataset(IterableDataset[Sample]):
                 batch = builder.build()
                 t1 = clock()
                 if self.transform is not None:
-                    batch["image"] = self.transform(batch["image"])
+                    apply_transform(batch, self.transform)
                 t2 = clock()
                 stats.emit_s += t1 - t0
                 stats.transform_s += t2 - t1

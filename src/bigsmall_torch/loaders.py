@@ -31,6 +31,25 @@ def part_bounds(width: int, height: int, part: tuple[int, int]) -> tuple[int, in
     return 0, y0, width, y1 - y0
 
 
+def _origins(low: int, high: int, step: int | None) -> np.ndarray:
+    """Candidate origins in ``[low, high]``: the multiples of ``step`` there plus both ends (every
+    integer when ``step`` is None)."""
+    if step is None or step <= 1:
+        return np.arange(low, high + 1)
+    grid = np.arange(-(-low // step) * step, high + 1, step)
+    return np.unique(np.concatenate(([low], grid, [high])))
+
+
+def _nearest_covering(origins: np.ndarray, point: float, length: int) -> int:
+    """The origin in ``origins`` (sorted) nearest to centring a ``length`` span on ``point`` among
+    those whose span still covers ``point``; when none does, the centred origin itself."""
+    target = point - length / 2
+    covering = origins[(origins <= point) & (point < origins + length)]
+    if len(covering) == 0:  # spans shorter than the grid step: centre it, off the grid
+        return int(np.clip(round(target), origins[0], origins[-1]))
+    return int(covering[np.abs(covering - target).argmin()])
+
+
 class RandomRegionLoader(BigChunkLoader):
     """A uniformly random ``size`` region of the patient's slide, clipped to the slide.
 
@@ -47,6 +66,12 @@ class RandomRegionLoader(BigChunkLoader):
             tissue area, and the chunk is centred on it (clipped to the slide). A slide (or band) with
             no tissue gives no chunk.
         tissue_detector: how masks are computed (default :class:`~bigsmall_torch.TissueDetector`).
+        tile_aligned: place chunks on the slide's tile grid (plus the far edge of the slide or band,
+            so every pixel stays reachable) when a level is read as it is: a 2048-pixel chunk then
+            decodes 8 x 8 tiles of 256 instead of 9 x 9, about 20% less decoding. Origins are drawn
+            uniformly from the aligned positions; patches inside a chunk are not affected. With
+            ``tissue_only`` the chunk is the aligned one nearest to centring the drawn tissue point
+            that still contains it.
 
     The region lies inside the slide (its top-left is drawn so that it fits). When several workers
     share one slide the region is drawn inside this worker's band (:func:`part_bounds`) and clipped to
@@ -65,8 +90,10 @@ class RandomRegionLoader(BigChunkLoader):
         tolerance: float = DEFAULT_TOLERANCE,
         tissue_only: bool = False,
         tissue_detector: TissueDetector | None = None,
+        tile_aligned: bool = True,
     ) -> None:
         self.size = size_pair("RandomRegionLoader: size", size)
+        self.tile_aligned = bool(tile_aligned)
         self.tissue_only = bool(tissue_only)
         self.tissue_detector = tissue_detector or TissueDetector()
         if self.tissue_only:
@@ -127,9 +154,19 @@ class RandomRegionLoader(BigChunkLoader):
         px = (cx + ctx.rng.random() * mask.downsample[0]) / downsample
         py = (cy + ctx.rng.random() * mask.downsample[1]) / downsample
         w, h = size
-        ox = int(np.clip(round(px - w / 2), bx, bx + bw - w))
-        oy = int(np.clip(round(py - h / 2), by, by + bh - h))
-        return ox, oy
+        xs, ys = self._allowed_origins(reader.info, band, size)
+        return _nearest_covering(xs, px, w), _nearest_covering(ys, py, h)
+
+    def _allowed_origins(
+        self, info: SlideInfo, band: tuple[int, int, int, int], size: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Allowed chunk origins along x and along y (pixels of the asked resolution)."""
+        bx, by, bw, bh = band
+        tile = info.tile_size if self.tile_aligned and not self.choice(info).resampled else None
+        return (
+            _origins(bx, bx + bw - size[0], tile[0] if tile else None),
+            _origins(by, by + bh - size[1], tile[1] if tile else None),
+        )
 
     def extract_bigchunk(self, patient: Patient, ctx: ChunkContext) -> BigChunk | None:
         record = patient.record(self.record_key)
@@ -144,8 +181,9 @@ class RandomRegionLoader(BigChunkLoader):
                 return None
             ox, oy = placed
         else:
-            ox = bx + int(ctx.rng.integers(0, bw - w + 1))
-            oy = by + int(ctx.rng.integers(0, bh - h + 1))
+            xs, ys = self._allowed_origins(info, (bx, by, bw, bh), (w, h))
+            ox = int(xs[ctx.rng.integers(len(xs))])
+            oy = int(ys[ctx.rng.integers(len(ys))])
         x0, y0 = round(ox * choice.downsample), round(oy * choice.downsample)
         data = read_at(reader, choice, ox, oy, w, h)
         chunk_info = {
@@ -164,5 +202,6 @@ class RandomRegionLoader(BigChunkLoader):
     def __repr__(self) -> str:
         return (
             f"RandomRegionLoader(size={self.size}, {self.resolution.describe()}, "
-            f"record_key={self.record_key!r}, tissue_only={self.tissue_only})"
+            f"record_key={self.record_key!r}, tissue_only={self.tissue_only}, "
+            f"tile_aligned={self.tile_aligned})"
         )

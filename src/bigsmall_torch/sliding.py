@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from ._batch_ring import apply_transform
 from ._batching import BatchBuilder, batch_count
 from ._sharding import current_topology, distributed_rank_and_world, split_evenly
 from ._validate import choice, optional_callable, positive_int, size_pair
@@ -429,7 +430,7 @@ class SlidingWindowDataset(IterableDataset[Any]):
     def _finish(self, builder: BatchBuilder) -> dict[str, Any]:
         batch = builder.build()
         if self.transform is not None:
-            batch["image"] = self.transform(batch["image"])
+            apply_transform(batch, self.transform)
         return batch
 
     def __repr__(self) -> str:

@@ -1,0 +1,254 @@
+"""Reusable shared-memory buffers for the images of batches built in DataLoader workers.
+
+Allocating a fresh shared-memory tensor for every batch costs the worker a new segment and its page
+faults, the main process a new mapping and its page faults, and both a file descriptor handed over
+a socket. Here each worker keeps a *ring* of slots instead: uint8 buffers in shared memory that the
+main process maps once, on the first batch that uses each slot. Later batches travel as a reference
+(ring token, slot, shape) plus their metadata, pickled by value.
+
+In the main process the ``image`` of a batch is a view of its mapped slot. When the last reference
+to that view dies (after ``pin_memory`` copied it, or when the training step drops the batch) a flag
+in shared memory hands the slot back to the worker. A worker only writes into slots the main
+process has handed back; when every slot is taken (the training loop keeps its batches) it
+allocates a one-off buffer, so keeping batches is always safe, merely slower.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["MAX_SLOTS", "RingBatch", "acquire_images", "apply_transform"]
+
+MAX_SLOTS = 16
+"""Slots a worker may hold; they are created only when all existing ones are in use."""
+
+_INLINE_BYTES = 1 << 16
+"""Metadata tensors up to this size are pickled by value rather than through shared memory."""
+
+
+class _Ring:
+    """One worker process's slots (created lazily in the worker, never in the main process)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.token = f"{self.pid}-{secrets.token_hex(6)}"
+        self.control = torch.zeros(MAX_SLOTS, dtype=torch.int32).share_memory_()  # 1 = in use
+        self.flags = self.control.numpy()
+        self.storages: list[torch.UntypedStorage] = []
+        self.announced: list[bool] = []  # the main process has this slot's storage
+        self.lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> _Lease | None:
+        with self.lock:
+            free = [i for i in range(len(self.storages)) if self.flags[i] == 0]
+            slot = next((i for i in free if self.storages[i].nbytes() == nbytes), None)
+            if slot is None:
+                if len(self.storages) < MAX_SLOTS:
+                    slot = len(self.storages)
+                    self.storages.append(torch.UntypedStorage._new_shared(nbytes))
+                    self.announced.append(False)
+                elif free:  # every slot has another size: resize a free one
+                    slot = free[0]
+                    self.storages[slot] = torch.UntypedStorage._new_shared(nbytes)
+                    self.announced[slot] = False
+                else:
+                    return None
+            self.flags[slot] = 1
+            return _Lease(self, slot)
+
+
+@dataclass(eq=False)
+class _Lease:
+    """A slot taken by one batch, from its building in the worker to its release in the main process."""
+
+    ring: _Ring
+    slot: int
+    tensor: torch.Tensor | None = None  # the batch's image tensor, a view of the slot
+    sent: bool = field(default=False)
+
+    def give_back(self) -> None:
+        """Release in the worker: nothing outside it ever saw this slot's current contents."""
+        self.ring.flags[self.slot] = 0
+
+
+_RING: _Ring | None = None
+
+
+def _view(storage: torch.UntypedStorage, shape: tuple[int, ...]) -> torch.Tensor:
+    """A uint8 tensor of ``shape`` over the start of ``storage``."""
+    strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape, strides)
+
+
+def _worker_ring() -> _Ring:
+    global _RING
+    if _RING is None or _RING.pid != os.getpid():
+        _RING = _Ring()
+    return _RING
+
+
+def acquire_images(shape: tuple[int, ...]) -> tuple[torch.Tensor, _Lease | None]:
+    """An uninitialised uint8 tensor of ``shape`` for a batch's images, and the slot it occupies.
+
+    In a DataLoader worker the tensor is a slot of the worker's ring or, when every slot is taken,
+    a one-off tensor already in shared memory; in the main process an ordinary tensor.
+    """
+    nbytes = math.prod(shape)
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8), None
+    lease = _worker_ring().acquire(nbytes)
+    if lease is None:
+        return _view(torch.UntypedStorage._new_shared(nbytes), shape), None
+    lease.tensor = _view(lease.ring.storages[lease.slot], shape)
+    return lease.tensor, lease
+
+
+def _aliases(tensor: torch.Tensor, lease: _Lease) -> bool:
+    storage = lease.ring.storages[lease.slot]
+    return bool(tensor.untyped_storage().data_ptr() == storage.data_ptr())
+
+
+class RingBatch(dict[str, Any]):
+    """A batch dict whose ``image`` may live in a ring slot; it pickles to a compact reference.
+
+    In the worker it behaves as the plain dict it is; unpickled in the main process it becomes a
+    plain ``dict`` whose ``image`` is a view of the mapped slot.
+    """
+
+    __slots__ = ("lease",)
+
+    def __init__(self, items: dict[str, Any], lease: _Lease | None) -> None:
+        super().__init__(items)
+        self.lease = lease
+
+    def __copy__(self) -> RingBatch:  # default_convert and pin_memory copy mappings
+        return RingBatch(dict(self), self.lease)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        meta = {key: _by_value(value) for key, value in self.items() if key != "image"}
+        lease, image = self.lease, self.get("image")
+        tensor = None if lease is None else lease.tensor
+        if lease is None or lease.sent or tensor is None or image is not tensor:
+            # No slot, already sent once, or user code replaced the image: send it the usual way
+            # (a slot whose image was replaced stays taken: its memory may still be referenced).
+            if lease is not None and lease.sent and isinstance(image, torch.Tensor):
+                image = image.clone()
+            return _rebuild_plain, (image, meta)
+        lease.sent = True
+        ring = lease.ring
+        with ring.lock:
+            storage = None if ring.announced[lease.slot] else ring.storages[lease.slot]
+            ring.announced[lease.slot] = True
+        control = None if storage is None else ring.control
+        shape = tuple(tensor.shape)
+        return _rebuild_ring, (ring.token, ring.pid, control, lease.slot, storage, shape, meta)
+
+
+def apply_transform(batch: dict[str, Any], transform: Callable[[Any], Any]) -> None:
+    """``batch["image"] = transform(batch["image"])``; a slot the result does not use is given back
+    at once (a result that merely views the slot is copied out of it first)."""
+    images = batch["image"]
+    out = transform(images)
+    batch["image"] = out
+    if not isinstance(batch, RingBatch) or batch.lease is None or out is images:
+        return
+    lease = batch.lease
+    if isinstance(out, torch.Tensor) and _aliases(out, lease):
+        batch["image"] = out.clone()
+    batch.lease, lease.tensor = None, None
+    del images, out
+    lease.give_back()
+
+
+class _ByValue:
+    """A small tensor pickled as a numpy array (by value, inline in the message)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+
+def _by_value(value: Any) -> Any:
+    if (
+        isinstance(value, torch.Tensor)
+        and value.device.type == "cpu"
+        and value.nbytes <= _INLINE_BYTES
+    ):
+        try:
+            return _ByValue(value.detach().numpy())
+        except TypeError:  # a dtype numpy does not have (bfloat16...)
+            return value
+    return value
+
+
+def _unwrap(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: torch.from_numpy(v.array) if isinstance(v, _ByValue) else v for k, v in meta.items()}
+
+
+def _rebuild_plain(image: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    return {"image": image, **_unwrap(meta)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The main process's side: the slots of every worker ring it has seen, mapped once each.
+
+
+@dataclass
+class _Mapped:
+    pid: int
+    control: np.ndarray
+    slots: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+_MAPPED: dict[str, _Mapped] = {}
+_MAPPED_LOCK = threading.Lock()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _release(control: np.ndarray, slot: int) -> None:
+    control[slot] = 0
+
+
+def _rebuild_ring(
+    token: str,
+    pid: int,
+    control: torch.Tensor | None,
+    slot: int,
+    storage: torch.UntypedStorage | None,
+    shape: tuple[int, ...],
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    with _MAPPED_LOCK:
+        if storage is not None:  # this slot's first batch (or the slot was resized)
+            if token not in _MAPPED:
+                for old in [t for t, m in _MAPPED.items() if not _alive(m.pid)]:
+                    del _MAPPED[old]  # rings of workers that have exited
+                assert control is not None, "a ring's first batch carries its control flags"
+                _MAPPED[token] = _Mapped(
+                    pid, control.numpy()
+                )  # the arrays keep their storages alive
+            _MAPPED[token].slots[slot] = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+        mapped = _MAPPED[token]
+        array = mapped.slots[slot][: math.prod(shape)].reshape(shape)
+    weakref.finalize(array, _release, mapped.control, slot).atexit = False
+    return {"image": torch.from_numpy(array), **_unwrap(meta)}
