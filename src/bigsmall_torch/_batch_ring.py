@@ -139,8 +139,9 @@ class RingBatch(dict[str, Any]):
         lease, image = self.lease, self.get("image")
         tensor = None if lease is None else lease.tensor
         if lease is None or lease.sent or tensor is None or image is not tensor:
-            # No slot, already sent once, or user code replaced the image: send it the usual way
-            # (a slot whose image was replaced stays taken: its memory may still be referenced).
+            # No slot, already sent once (a second pickling of one batch, by user code, gets a copy),
+            # or user code replaced the image: send it the usual way. A slot whose image was
+            # replaced stays taken for good, since the replacement may still view its memory.
             if lease is not None and lease.sent and isinstance(image, torch.Tensor):
                 image = image.clone()
             return _rebuild_plain, (image, meta)
@@ -150,7 +151,7 @@ class RingBatch(dict[str, Any]):
             storage = None if ring.announced[lease.slot] else ring.storages[lease.slot]
             ring.announced[lease.slot] = True
         control = None if storage is None else ring.control
-        shape = tuple(tensor.shape)
+        shape = tuple(image.shape)
         return _rebuild_ring, (ring.token, ring.pid, control, lease.slot, storage, shape, meta)
 
 
