@@ -176,3 +176,17 @@ def test_gpu_style_augmentation_on_a_uint8_batch(slide_folder: Path) -> None:
     assert out.shape == images.shape and out.dtype == torch.float32
     expected = (images.flip(-1).float() / 255 - 0.5) / 0.25
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_slots_under_the_file_system_sharing_strategy(slide_folder: Path) -> None:
+    import torch.multiprocessing as mp
+
+    before = mp.get_sharing_strategy()
+    mp.set_sharing_strategy("file_system")
+    try:
+        loader = DataLoader(make(slide_folder, batch_size=8, samples_per_epoch=96), batch_size=None, num_workers=2)
+        got = stream(loader)
+    finally:
+        mp.set_sharing_strategy(before)
+    per_sample = DataLoader(make(slide_folder, samples_per_epoch=96), batch_size=8, num_workers=2)
+    assert got == flatten(list(per_sample)) and len(got) == 96

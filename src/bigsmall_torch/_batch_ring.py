@@ -15,6 +15,7 @@ allocates a one-off buffer, so keeping batches is always safe, merely slower.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import secrets
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 
 __all__ = ["MAX_SLOTS", "RingBatch", "acquire_images", "apply_transform"]
+
+logger = logging.getLogger(__name__)
 
 MAX_SLOTS = 16
 """Slots a worker may hold; they are created only when all existing ones are in use."""
@@ -57,11 +60,13 @@ class _Ring:
                     slot = len(self.storages)
                     self.storages.append(torch.UntypedStorage._new_shared(nbytes))
                     self.announced.append(False)
+                    logger.debug("worker %d: batch slot %d created (%d bytes)", self.pid, slot, nbytes)
                 elif free:  # every slot has another size: resize a free one
                     slot = free[0]
                     self.storages[slot] = torch.UntypedStorage._new_shared(nbytes)
                     self.announced[slot] = False
                 else:
+                    logger.debug("worker %d: all %d batch slots in use, one-off buffer", self.pid, MAX_SLOTS)
                     return None
             self.flags[slot] = 1
             return _Lease(self, slot)
