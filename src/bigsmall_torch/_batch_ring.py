@@ -221,6 +221,16 @@ _MAPPED: dict[str, _Mapped] = {}
 _MAPPED_LOCK = threading.Lock()
 
 
+def _forget_mapped() -> None:
+    """In a forked child: drop the parent's mappings (a DataLoader worker never reads them)."""
+    global _MAPPED_LOCK
+    _MAPPED_LOCK = threading.Lock()
+    _MAPPED.clear()
+
+
+os.register_at_fork(after_in_child=_forget_mapped)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -65,8 +65,9 @@ def run_demo(args: argparse.Namespace) -> int:
         smallchunks_per_bigchunk=args.smallchunks_per_bigchunk,
         samples_per_epoch=samples,
         seed=args.seed,
+        batch_size=args.batch_size,  # batched mode: whole batches built in the workers
     )
-    loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers, pin_memory=torch.cuda.is_available())
+    loader = DataLoader(ds, batch_size=None, num_workers=args.workers, pin_memory=torch.cuda.is_available())
     mix: list[int] = []
     patients: collections.Counter[str] = collections.Counter()
     recorder = bst.SamplingRecorder()
