@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,105 @@ def test_slots_under_the_file_system_sharing_strategy(slide_folder: Path) -> Non
         mp.set_sharing_strategy(before)
     per_sample = DataLoader(make(slide_folder, samples_per_epoch=96), batch_size=8, num_workers=2)
     assert got == flatten(list(per_sample)) and len(got) == 96
+
+
+def test_transform_returning_views_of_the_slot_in_a_container(slide_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Views of the batch tensor inside a tuple are copied out before the slot is reused."""
+    monkeypatch.setattr(_batch_ring, "MAX_SLOTS", 2)
+
+    def split(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images[:, :1], images[:, 1:, 8:-8]
+
+    options: dict[str, Any] = dict(batch_size=8, samples_per_epoch=160)
+    plain = list(DataLoader(make(slide_folder, **options), batch_size=None, num_workers=2))
+    kept = list(DataLoader(make(slide_folder, transform=split, **options), batch_size=None, num_workers=2))
+    assert len(kept) == len(plain) == 20
+    for got, want in zip(kept, plain, strict=True):
+        first, rest = split(want["image"])
+        assert torch.equal(got["image"][0], first) and torch.equal(got["image"][1], rest)
+
+
+class KeepsPrevious:
+    """A transform with memory: each batch is averaged with the previous input (kept, not copied)."""
+
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        out = images if self.previous is None else (images // 2 + self.previous // 2)
+        self.previous = images
+        return out.clone()
+
+
+def test_a_transform_may_keep_its_input(slide_folder: Path) -> None:
+    options: dict[str, Any] = dict(batch_size=8, samples_per_epoch=160)
+    plain = stream(DataLoader(make(slide_folder, **options), batch_size=None, num_workers=1))
+    reference, transform = [], KeepsPrevious()
+    for batch in DataLoader(make(slide_folder, **options), batch_size=None, num_workers=1):
+        reference.extend(flatten([{**batch, "image": transform(batch["image"].clone())}]))
+    assert plain != reference  # the transform changes something
+    ds = make(slide_folder, transform=KeepsPrevious(), **options)
+    assert stream(DataLoader(ds, batch_size=None, num_workers=1)) == reference
+
+
+def test_only_the_receiving_process_releases_a_slot() -> None:
+    control = np.ones(4, dtype=np.int32)
+    _batch_ring._release(control, 2, receiver=os.getpid() + 1)  # e.g. a forked child's finalizer
+    assert control.tolist() == [1, 1, 1, 1]
+    _batch_ring._release(control, 2, receiver=os.getpid())
+    assert control.tolist() == [1, 1, 0, 1]
+
+
+def test_garbage_collected_in_a_forked_worker_does_not_free_a_live_slot(slide_folder: Path) -> None:
+    import gc
+
+    gc.disable()  # only to place the collection deterministically
+    try:
+        held = DataLoader(make(slide_folder, batch_size=8, samples_per_epoch=400), batch_size=None, num_workers=1,
+                          persistent_workers=True)
+        batches = iter(held)
+        cycle: list[Any] = [next(batches)]
+        cycle.append(cycle)  # a batch that is cyclic garbage, not collected yet
+        del cycle
+        other = DataLoader(make(slide_folder, batch_size=8, samples_per_epoch=16), batch_size=None, num_workers=1,
+                           worker_init_fn=lambda _: gc.collect())  # the forked child collects its copy
+        next(iter(other))
+        kept = []
+        for _ in range(3):
+            batch = next(batches)
+            kept.append((batch["image"].clone(), batch["image"]))
+        gc.collect()  # the main process frees the cyclic batch for real
+        for _ in range(10):
+            batch = next(batches)
+            kept.append((batch["image"].clone(), batch["image"]))
+        assert all(torch.equal(copy, live) for copy, live in kept)
+    finally:
+        gc.enable()
+
+
+def test_slots_of_finished_workers_are_unmapped_when_the_last_batch_goes(slide_folder: Path) -> None:
+    import gc
+
+    stream(DataLoader(make(slide_folder, batch_size=8, samples_per_epoch=64), batch_size=None, num_workers=2))
+    gc.collect()
+    assert _batch_ring._MAPPED == {}
+
+
+def test_deepcopy_and_pickling_inside_a_worker(slide_folder: Path) -> None:
+    """User code in the worker may copy or pickle a batch; what reaches the main process is intact."""
+    import copy
+    import pickle
+
+    class Wrapped(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+        def __init__(self, inner: bst.BigSmallDataset, how: str) -> None:
+            self.inner, self.how = inner, how
+
+        def __iter__(self) -> Any:
+            for batch in self.inner:
+                yield copy.deepcopy(batch) if self.how == "deepcopy" else pickle.loads(pickle.dumps(batch))
+
+    options: dict[str, Any] = dict(batch_size=8, samples_per_epoch=96)
+    reference = stream(DataLoader(make(slide_folder, **options), batch_size=None, num_workers=1))
+    for how in ("deepcopy", "pickle"):
+        loader = DataLoader(Wrapped(make(slide_folder, **options), how), batch_size=None, num_workers=1)
+        assert stream(loader) == reference, how

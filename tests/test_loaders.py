@@ -30,6 +30,7 @@ def odd_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def chunk_origins(path: Path, loader: bst.RandomRegionLoader, n: int = 200) -> list[tuple[int, int]]:
+    width, height = loader.size
     patient = bst.Patient("p", {"wsi": bst.Record(path)})
     slides = bst.SlideCache()
     ctx = ChunkContext(rng=np.random.default_rng(0), state={}, slides=slides)
@@ -39,7 +40,7 @@ def chunk_origins(path: Path, loader: bst.RandomRegionLoader, n: int = 200) -> l
         assert chunk is not None
         x, y = chunk.info["x"], chunk.info["y"]
         reader = slides.get(path)
-        expected = reader.read(x, y, chunk.info["level"], 512, 512, planar=True)
+        expected = reader.read(x, y, chunk.info["level"], width, height, planar=True)
         assert np.array_equal(chunk.data, expected)  # the pixels at the reported coordinates
         origins.append((x, y))
     slides.close()
@@ -51,6 +52,13 @@ def test_chunks_sit_on_the_tile_grid_and_reach_the_far_edges(odd_slide: Path) ->
     xs, ys = {x for x, _ in origins}, {y for _, y in origins}
     assert xs == {0, 256, 512, 768, 1024, 1280, 2000 - 512}
     assert ys == {0, 256, 512, 768, 1496 - 512}
+
+
+def test_chunks_shorter_than_a_tile_are_placed_anywhere(odd_slide: Path) -> None:
+    """A grid step longer than the chunk would leave the pixels between grid chunks unreachable."""
+    origins = chunk_origins(odd_slide, bst.RandomRegionLoader((128, 512)), n=100)
+    assert len({x for x, _ in origins}) > 50  # x: free (128 < 256)
+    assert {y for _, y in origins} <= {0, 256, 512, 768, 1496 - 512}  # y: on the grid (512 >= 256)
 
 
 def test_unaligned_placement_is_still_available(odd_slide: Path) -> None:

@@ -10,11 +10,17 @@ In the main process the ``image`` of a batch is a view of its mapped slot. When 
 to that view dies (after ``pin_memory`` copied it, or when the training step drops the batch) a flag
 in shared memory hands the slot back to the worker. A worker only writes into slots the main
 process has handed back; when every slot is taken (the training loop keeps its batches) it
-allocates a one-off buffer, so keeping batches is always safe, merely slower.
+allocates a one-off buffer, so keeping batches is always safe, merely slower. A slot is also only
+reused once no tensor of the worker views it any more (a transform may keep its input).
+
+Only the process that unpickled a batch releases its slot (not a forked child that inherited the
+finalizer), and a transform whose output still views the slot gets its views copied out before the
+slot is given back; an output the worker cannot inspect keeps the slot taken for good.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -27,6 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree
+
+from .errors import StreamError
 
 __all__ = ["MAX_SLOTS", "RingBatch", "acquire_images", "apply_transform"]
 
@@ -37,6 +46,13 @@ MAX_SLOTS = 16
 
 _INLINE_BYTES = 1 << 16
 """Metadata tensors up to this size are pickled by value rather than through shared memory."""
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _only_ring_holds(storage: torch.UntypedStorage) -> bool:
+    """No tensor of this process views ``storage`` (only the ring's own reference is left)."""
+    return _use_count is None or int(_use_count(storage._cdata)) <= 1
 
 
 class _Ring:
@@ -53,7 +69,11 @@ class _Ring:
 
     def acquire(self, nbytes: int) -> _Lease | None:
         with self.lock:
-            free = [i for i in range(len(self.storages)) if self.flags[i] == 0]
+            free = [
+                i
+                for i, storage in enumerate(self.storages)
+                if self.flags[i] == 0 and _only_ring_holds(storage)
+            ]
             slot = next((i for i in free if self.storages[i].nbytes() == nbytes), None)
             if slot is None:
                 if len(self.storages) < MAX_SLOTS:
@@ -95,6 +115,10 @@ def _view(storage: torch.UntypedStorage, shape: tuple[int, ...]) -> torch.Tensor
     return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape, strides)
 
 
+def _flat(storage: torch.UntypedStorage) -> torch.Tensor:
+    return _view(storage, (storage.nbytes(),))
+
+
 def _worker_ring() -> _Ring:
     global _RING
     if _RING is None or _RING.pid != os.getpid():
@@ -118,9 +142,12 @@ def acquire_images(shape: tuple[int, ...]) -> tuple[torch.Tensor, _Lease | None]
     return lease.tensor, lease
 
 
-def _aliases(tensor: torch.Tensor, lease: _Lease) -> bool:
+def _in_slot(tensor: torch.Tensor, lease: _Lease) -> bool:
+    """Whether ``tensor``'s memory lies in the lease's slot (views at any offset included)."""
     storage = lease.ring.storages[lease.slot]
-    return bool(tensor.untyped_storage().data_ptr() == storage.data_ptr())
+    start = storage.data_ptr()
+    pointer = tensor.untyped_storage().data_ptr()
+    return bool(start <= pointer < start + storage.nbytes())
 
 
 class RingBatch(dict[str, Any]):
@@ -139,6 +166,9 @@ class RingBatch(dict[str, Any]):
     def __copy__(self) -> RingBatch:  # default_convert and pin_memory copy mappings
         return RingBatch(dict(self), self.lease)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return copy.deepcopy(dict(self), memo)  # a plain dict with its own tensors
+
     def __reduce__(self) -> tuple[Any, ...]:
         meta = {key: _by_value(value) for key, value in self.items() if key != "image"}
         lease, image = self.lease, self.get("image")
@@ -153,27 +183,44 @@ class RingBatch(dict[str, Any]):
         lease.sent = True
         ring = lease.ring
         with ring.lock:
-            storage = None if ring.announced[lease.slot] else ring.storages[lease.slot]
+            # The slot travels as a flat uint8 tensor (a bare storage does not survive plain pickle).
+            storage = None if ring.announced[lease.slot] else _flat(ring.storages[lease.slot])
             ring.announced[lease.slot] = True
         control = None if storage is None else ring.control
         shape = tuple(image.shape)
+        lease.tensor = None  # the worker's last views of the slot go with this batch
         return _rebuild_ring, (ring.token, ring.pid, control, lease.slot, storage, shape, meta)
 
 
+_PLAIN_LEAVES = (str, bytes, int, float, complex, bool, type(None), np.ndarray, np.generic)
+
+
 def apply_transform(batch: dict[str, Any], transform: Callable[[Any], Any]) -> None:
-    """``batch["image"] = transform(batch["image"])``; a slot the result does not use is given back
-    at once (a result that merely views the slot is copied out of it first)."""
+    """``batch["image"] = transform(batch["image"])``, keeping the batch's slot safe.
+
+    An in-place result (the slot tensor itself) keeps the slot. Otherwise the result is walked
+    (tensors, and lists, tuples and dicts of them): tensors that view the slot are copied out of it
+    and the slot is given back at once. A result holding anything else (an object that might keep
+    a view of the slot) keeps the slot taken for good. numpy arrays are pickled by value, so views
+    of the slot as arrays are safe.
+    """
     images = batch["image"]
     out = transform(images)
     batch["image"] = out
     if not isinstance(batch, RingBatch) or batch.lease is None or out is images:
         return
     lease = batch.lease
-    if isinstance(out, torch.Tensor) and _aliases(out, lease):
-        batch["image"] = out.clone()
+    leaves, spec = torch.utils._pytree.tree_flatten(out)
+    if not all(isinstance(leaf, (torch.Tensor, *_PLAIN_LEAVES)) for leaf in leaves):
+        batch.lease = None  # unknown objects: the slot stays taken
+        return
+    if any(isinstance(leaf, torch.Tensor) and _in_slot(leaf, lease) for leaf in leaves):
+        leaves = [leaf.clone() if isinstance(leaf, torch.Tensor) and _in_slot(leaf, lease) else leaf
+                  for leaf in leaves]
+        batch["image"] = torch.utils._pytree.tree_unflatten(leaves, spec)
     batch.lease, lease.tensor = None, None
-    del images, out
-    lease.give_back()
+    del images, out, leaves
+    lease.give_back()  # reused only once no tensor of this worker views it (_only_ring_holds)
 
 
 class _ByValue:
@@ -218,13 +265,13 @@ class _Mapped:
 
 
 _MAPPED: dict[str, _Mapped] = {}
-_MAPPED_LOCK = threading.Lock()
+_MAPPED_LOCK = threading.RLock()  # finalizers may run during a locked section
 
 
 def _forget_mapped() -> None:
     """In a forked child: drop the parent's mappings (a DataLoader worker never reads them)."""
     global _MAPPED_LOCK
-    _MAPPED_LOCK = threading.Lock()
+    _MAPPED_LOCK = threading.RLock()  # finalizers may run during a locked section
     _MAPPED.clear()
 
 
@@ -241,8 +288,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _release(control: np.ndarray, slot: int) -> None:
+def _forget_exited() -> None:
+    """Unmap the rings of workers that have exited (their batches still alive keep their own slots)."""
+    with _MAPPED_LOCK:
+        for token in [t for t, m in _MAPPED.items() if not _alive(m.pid)]:
+            del _MAPPED[token]
+
+
+def _release(control: np.ndarray, slot: int, receiver: int) -> None:
+    """Hand ``slot`` back, only in the process that received the batch (not in a forked child
+    running its copy of the finalizer); then forget the rings of exited workers, so that the last
+    batch freed after a DataLoader shut its workers down unmaps their slots."""
+    if os.getpid() != receiver:
+        return
     control[slot] = 0
+    _forget_exited()
 
 
 def _rebuild_ring(
@@ -250,21 +310,35 @@ def _rebuild_ring(
     pid: int,
     control: torch.Tensor | None,
     slot: int,
-    storage: torch.UntypedStorage | None,
+    storage: torch.Tensor | None,
     shape: tuple[int, ...],
     meta: dict[str, Any],
 ) -> dict[str, Any]:
+    if pid == os.getpid():  # unpickled inside the worker itself (user code pickling a batch)
+        ring = _worker_ring()
+        image = _view(ring.storages[slot], shape).clone()
+        with ring.lock:
+            if storage is not None:
+                ring.announced[slot] = False  # the main process has not seen it after all
+            ring.flags[slot] = 0  # reused once the original batch's tensors are gone
+        return {"image": image, **_unwrap(meta)}
     with _MAPPED_LOCK:
         if storage is not None:  # this slot's first batch (or the slot was resized)
             if token not in _MAPPED:
                 for old in [t for t, m in _MAPPED.items() if not _alive(m.pid)]:
                     del _MAPPED[old]  # rings of workers that have exited
-                assert control is not None, "a ring's first batch carries its control flags"
-                _MAPPED[token] = _Mapped(
-                    pid, control.numpy()
-                )  # the arrays keep their storages alive
-            _MAPPED[token].slots[slot] = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
-        mapped = _MAPPED[token]
+                if control is None:
+                    raise StreamError(f"batch slot {slot} of worker {pid} arrived without its ring")
+                _MAPPED[token] = _Mapped(pid, control.numpy())  # arrays keep their storages alive
+            _MAPPED[token].slots[slot] = storage.numpy()
+        mapped = _MAPPED.get(token)
+        if mapped is None or slot not in mapped.slots:
+            raise StreamError(
+                f"batch slot {slot} of DataLoader worker {pid} was first sent to another process: "
+                "batched-mode batches must reach the main process through the DataLoader only "
+                "(clone batch['image'] before pickling a batch inside a worker)"
+            )
         array = mapped.slots[slot][: math.prod(shape)].reshape(shape)
-    weakref.finalize(array, _release, mapped.control, slot).atexit = False
+    finalizer = weakref.finalize(array, _release, mapped.control, slot, os.getpid())
+    finalizer.atexit = False
     return {"image": torch.from_numpy(array), **_unwrap(meta)}

@@ -67,7 +67,8 @@ class RandomRegionLoader(BigChunkLoader):
             no tissue gives no chunk.
         tissue_detector: how masks are computed (default :class:`~bigsmall_torch.TissueDetector`).
         tile_aligned: place chunks on the slide's tile grid (plus the far edge of the slide or band,
-            so every pixel stays reachable) when a level is read as it is: a 2048-pixel chunk then
+            so every pixel stays reachable) when a level is read as it is and the chunk is at least
+            a tile long on that axis (shorter chunks are placed anywhere): a 2048-pixel chunk then
             decodes 8 x 8 tiles of 256 instead of 9 x 9, about 20% less decoding. Origins are drawn
             uniformly from the aligned positions; patches inside a chunk are not affected. With
             ``tissue_only`` the chunk is the aligned one nearest to centring the drawn tissue point
@@ -163,10 +164,10 @@ class RandomRegionLoader(BigChunkLoader):
         """Allowed chunk origins along x and along y (pixels of the asked resolution)."""
         bx, by, bw, bh = band
         tile = info.tile_size if self.tile_aligned and not self.choice(info).resampled else None
-        return (
-            _origins(bx, bx + bw - size[0], tile[0] if tile else None),
-            _origins(by, by + bh - size[1], tile[1] if tile else None),
-        )
+        # A grid step longer than the chunk would leave pixels between chunks unreachable.
+        step_x = tile[0] if tile and tile[0] <= size[0] else None
+        step_y = tile[1] if tile and tile[1] <= size[1] else None
+        return _origins(bx, bx + bw - size[0], step_x), _origins(by, by + bh - size[1], step_y)
 
     def extract_bigchunk(self, patient: Patient, ctx: ChunkContext) -> BigChunk | None:
         record = patient.record(self.record_key)
