@@ -115,9 +115,11 @@ class BigSmallDataset(IterableDataset[Sample]):
             :class:`~bigsmall_torch.WeightedScheduler`, or a subclass of :class:`~bigsmall_torch.Scheduler`).
         batch_size: batched mode: yield whole batches built in the worker (use
             ``DataLoader(ds, batch_size=None)``): ``image`` is one ``[n, C, H, W]`` uint8 tensor written
-            in shared memory, metadata are collated tensors/lists, ``transform`` gets the whole batch
-            tensor, and ``len()`` counts batches. Same samples as per-sample mode for the same seed
-            (when each worker's share is a whole number of batches).
+            into a reusable shared-memory slot of the worker (see :mod:`bigsmall_torch._batch_ring`;
+            the slot is handed back when the main process frees the batch), metadata are collated
+            tensors/lists, ``transform`` gets the whole batch tensor, and ``len()`` counts batches.
+            Same samples as per-sample mode for the same seed (when each worker's share is a whole
+            number of batches).
 
     Each epoch every patient belongs to exactly one (rank, worker) shard, dealt from a permutation of
     (seed, epoch). With fewer patients than shards, a patient is shared by several shards, each owning
