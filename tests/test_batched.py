@@ -111,6 +111,7 @@ def test_metadata_keeps_its_dtypes_through_workers(slide_folder: Path) -> None:
     for key, value in local.items():
         if isinstance(value, torch.Tensor):
             assert remote[key].dtype == value.dtype and torch.equal(remote[key], value), key
+            assert key == "image" or not remote[key].is_shared(), key  # small tensors came inline
         else:
             assert remote[key] == value, key
 
@@ -293,3 +294,35 @@ def test_deepcopy_and_pickling_inside_a_worker(slide_folder: Path) -> None:
     for how in ("deepcopy", "pickle"):
         loader = DataLoader(Wrapped(make(slide_folder, **options), how), batch_size=None, num_workers=1)
         assert stream(loader) == reference, how
+
+
+def test_per_sample_batches_carry_their_metadata_inline(slide_folder: Path) -> None:
+    """Per-sample mode: the collated batch keeps the sample's dict type, so its small tensors are
+    pickled by value; the main process gets a plain dict equal to the one built without workers."""
+    ds = make(slide_folder, samples_per_epoch=32)
+    local = next(iter(DataLoader(ds, batch_size=16, num_workers=0)))
+    remote = next(iter(DataLoader(ds, batch_size=16, num_workers=1)))
+    assert isinstance(local, _batch_ring.InlineDict) and type(remote) is dict
+    assert list(remote) == list(local)
+    for key, value in local.items():
+        if isinstance(value, torch.Tensor):
+            assert remote[key].dtype == value.dtype and torch.equal(remote[key], value), key
+            if key != "image":
+                assert not remote[key].is_shared(), key  # came inline, not through shared memory
+        else:
+            assert remote[key] == value, key
+
+
+@pytest.mark.parametrize("size", [64, 192])  # 12 KiB: sent inline; 110 KiB: copied out of the chunk
+def test_single_samples_from_workers_carry_only_their_own_pixels(slide_folder: Path, size: int) -> None:
+    """A sample's image views its big chunk; sent alone it is copied, not the chunk rows it spans."""
+    import pickle
+
+    ds = make(slide_folder, samples_per_epoch=8, collector=bst.RandomCropCollector(size))
+    sample = next(iter(ds))
+    assert sample["image"].untyped_storage().nbytes() > 2 * size * size * 3  # spans rows of the chunk
+    remote = next(iter(DataLoader(ds, batch_size=None, num_workers=1)))
+    assert remote["image"].untyped_storage().nbytes() == size * size * 3
+    assert torch.equal(remote["image"], sample["image"]) and remote["x"] == sample["x"]
+    again = pickle.loads(pickle.dumps(sample))
+    assert type(again) is dict and torch.equal(again["image"], sample["image"]) and again["mpp"] == sample["mpp"]

@@ -37,7 +37,7 @@ import torch.utils._pytree
 
 from .errors import StreamError
 
-__all__ = ["MAX_SLOTS", "RingBatch", "acquire_images", "apply_transform"]
+__all__ = ["MAX_SLOTS", "InlineDict", "RingBatch", "acquire_images", "apply_transform"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,25 @@ def _in_slot(tensor: torch.Tensor, lease: _Lease) -> bool:
     return bool(start <= pointer < start + storage.nbytes())
 
 
-class RingBatch(dict[str, Any]):
+class InlineDict(dict[str, Any]):
+    """A sample or batch dict whose small tensors are pickled by value.
+
+    ``default_collate`` turns a per-sample mode batch's numbers into small tensors, and each tensor
+    a worker sends otherwise gets a shared-memory segment and a file descriptor of its own. The
+    collated batch keeps this type (``default_collate`` copies mappings with :func:`copy.copy`), so
+    its ``x``, ``y``, ``level``... travel inline; it is unpickled as a plain ``dict``.
+    """
+
+    __slots__ = ()
+
+    def __copy__(self) -> InlineDict:
+        return type(self)(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _unwrap, (_inline(self),)
+
+
+class RingBatch(InlineDict):
     """A batch dict whose ``image`` may live in a ring slot; it pickles to a compact reference.
 
     In the worker it behaves as the plain dict it is; unpickled in the main process it becomes a
@@ -170,7 +188,7 @@ class RingBatch(dict[str, Any]):
         return copy.deepcopy(dict(self), memo)  # a plain dict with its own tensors
 
     def __reduce__(self) -> tuple[Any, ...]:
-        meta = {key: _by_value(value) for key, value in self.items() if key != "image"}
+        meta = _inline({key: value for key, value in self.items() if key != "image"})
         lease, image = self.lease, self.get("image")
         tensor = None if lease is None else lease.tensor
         if lease is None or lease.sent or tensor is None or image is not tensor:
@@ -233,16 +251,23 @@ class _ByValue:
 
 
 def _by_value(value: Any) -> Any:
-    if (
-        isinstance(value, torch.Tensor)
-        and value.device.type == "cpu"
-        and value.nbytes <= _INLINE_BYTES
-    ):
+    """How a dict value travels: small tensors inline, views of a larger unshared buffer (a crop of
+    a big chunk) as a copy of their own bytes (sending the view would move the whole buffer to
+    shared memory), anything else as it is."""
+    if not isinstance(value, torch.Tensor) or value.device.type != "cpu":
+        return value
+    if value.nbytes <= _INLINE_BYTES:
         try:
             return _ByValue(value.detach().numpy())
         except TypeError:  # a dtype numpy does not have (bfloat16...)
             return value
+    if not value.is_shared() and value.untyped_storage().nbytes() > 2 * value.nbytes:
+        return value.clone()
     return value
+
+
+def _inline(meta: dict[str, Any]) -> dict[str, Any]:
+    return {key: _by_value(value) for key, value in meta.items()}
 
 
 def _unwrap(meta: dict[str, Any]) -> dict[str, Any]:

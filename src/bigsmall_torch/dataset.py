@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
-from ._batch_ring import apply_transform
+from ._batch_ring import InlineDict, apply_transform
 from ._batching import BatchBuilder, batch_count, batched_quota
 from ._sharding import (
     Topology,
@@ -78,7 +78,7 @@ def to_sample(small: SmallChunk) -> Sample:
     image = torch.from_numpy(data)
     if image.ndim == 3:
         image = image.permute(2, 0, 1)
-    sample: dict[str, Any] = {"image": image, "patient_id": small.patient.id}
+    sample: dict[str, Any] = InlineDict(image=image, patient_id=small.patient.id)
     if small.patient.label is not None:
         sample["label"] = small.patient.label
     sample.update(small.info)
