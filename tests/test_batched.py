@@ -326,3 +326,31 @@ def test_single_samples_from_workers_carry_only_their_own_pixels(slide_folder: P
     assert torch.equal(remote["image"], sample["image"]) and remote["x"] == sample["x"]
     again = pickle.loads(pickle.dumps(sample))
     assert type(again) is dict and torch.equal(again["image"], sample["image"]) and again["mpp"] == sample["mpp"]
+
+
+def test_the_pin_memory_thread_path(slide_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``pin_memory=True`` the DataLoader unpickles batches in its pinning thread, copies them
+    and drops the originals; slots then return to the workers even though every copy is kept. No
+    accelerator here: the accelerator checks are faked and "pinning" is a plain copy."""
+    import torch.utils.data._utils.pin_memory as pinning
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: None)
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    monkeypatch.setattr(torch.accelerator, "set_device_index", lambda index: None)
+    copied: list[bool] = []
+
+    def fake_pin(data: Any, device: Any = None) -> Any:
+        if not isinstance(data, dict):  # the workers' end-of-stream markers
+            return data
+        copied.append(True)
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+
+    monkeypatch.setattr(pinning, "pin_memory", fake_pin)
+    options: dict[str, Any] = dict(batch_size=8, samples_per_epoch=320)
+    loader = DataLoader(make(slide_folder, **options), batch_size=None, num_workers=2, pin_memory=True)
+    kept = list(loader)  # every (copied) batch is kept
+    assert len(kept) == len(copied) == 40
+    per_sample = DataLoader(make(slide_folder, samples_per_epoch=320), batch_size=8, num_workers=2)
+    assert flatten(kept) == flatten(list(per_sample))
+    assert all(len(m.slots) <= 8 for m in _batch_ring._MAPPED.values())  # slots came back, not 16 + one-offs
