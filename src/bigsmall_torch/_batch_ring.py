@@ -350,8 +350,7 @@ def _rebuild_ring(
     with _MAPPED_LOCK:
         if storage is not None:  # this slot's first batch (or the slot was resized)
             if token not in _MAPPED:
-                for old in [t for t, m in _MAPPED.items() if not _alive(m.pid)]:
-                    del _MAPPED[old]  # rings of workers that have exited
+                _forget_exited()
                 if control is None:
                     raise StreamError(f"batch slot {slot} of worker {pid} arrived without its ring")
                 _MAPPED[token] = _Mapped(pid, control.numpy())  # arrays keep their storages alive
