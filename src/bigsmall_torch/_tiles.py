@@ -7,6 +7,17 @@ in the calling thread and ``threads - 1`` pool threads, and copies each tile, cr
 region's edges, into one preallocated array. Pixels equal tiffslide's ``read_region`` exactly (same libjpeg, same color
 conversion as tifffile); tiles absent from the file (zero byte count) are filled with the page's
 ``nodata`` value (0, as tiffslide does and as openslide's transparent pixels give without alpha).
+
+Corrupt tiles are errors, never wrong pixels. imagecodecs (and so tifffile and tiffslide) decodes
+through libjpeg but drops libjpeg's *warnings*, and corrupt entropy-coded data is exactly what libjpeg
+reports as a warning ("Corrupt JPEG data: premature end of data segment", "N extraneous bytes before
+marker") while it fills the rest of the tile with made-up pixels. OpenSlide turns those warnings into
+errors; so does this module: with ``strict=True`` (the default) every tile is also run through
+libjpeg-turbo's TurboJPEG API with warnings as errors (simplejpeg, at 1/8 scale: the entropy decoding
+that detects the damage, without the full-size inverse DCT), and a warning raises
+:class:`~bigsmall_torch.SlideReadError` naming the file, the level and the tile. What libjpeg cannot
+see, nobody downstream can: bytes overwritten so that the Huffman stream still parses to the right
+length decode to wrong pixels without any warning (JPEG carries no checksum; see ``docs/tuning.md``).
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from .errors import ConfigError, SlideReadError
 if TYPE_CHECKING:
     import tifffile
 
-__all__ = ["TileDecoder"]
+__all__ = ["TileDecoder", "check_jpeg"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +69,7 @@ class TileDecoder:
         colorspace: int | None,
         nodata: int = 0,
         threads: int = 4,
+        strict: bool = True,
     ) -> None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"TileDecoder: threads must be an int >= 1, got {threads!r}")
@@ -79,6 +91,10 @@ class TileDecoder:
         self._colorspace = colorspace
         self.nodata = nodata
         self.threads = threads
+        self.strict = bool(strict)
+        # A tile is abbreviated when the tables live in the JPEGTables tag: the strict check needs
+        # a whole JPEG stream, the tables' segments (without their EOI) before the tile (without SOI).
+        self._prefix = jpegtables[:-2] if jpegtables else b""
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -94,6 +110,7 @@ class TileDecoder:
         path: str | os.PathLike[str] | None = None,
         threads: int = 4,
         level: int | None = None,
+        strict: bool = True,
     ) -> TileDecoder | None:
         """A decoder for a tiled, 8-bit, 3-sample (RGB or YCbCr) JPEG page of ``tif``; None when the
         page is not eligible (not tiled, other compression, other sample layout) so callers fall
@@ -132,6 +149,7 @@ class TileDecoder:
             colorspace=colorspace,
             nodata=fill,
             threads=threads,
+            strict=strict,
         )
 
     def read(self, x: int, y: int, width: int, height: int, *, planar: bool = False) -> np.ndarray:
@@ -306,6 +324,8 @@ class TileDecoder:
                     or tile.shape[1] < need_w
                 ):
                     raise ValueError(f"decoded shape {tile.shape}, expected ({th}, {tw}, 3)")
+                if self.strict:
+                    check_jpeg(view[start : start + size], self._prefix)
             except Exception as exc:  # imagecodecs raises its own error types
                 raise SlideReadError(
                     self.path,
@@ -316,3 +336,57 @@ class TileDecoder:
             oy1, ox1 = min(top + th - y, height), min(left + tw - x, width)
             ty0, tx0 = oy0 + y - top, ox0 + x - left
             out[oy0:oy1, ox0:ox1] = tile[ty0 : ty0 + oy1 - oy0, tx0 : tx0 + ox1 - ox0]
+
+
+def check_jpeg(data: bytes | memoryview, tables: bytes = b"") -> None:
+    """Raise ``ValueError`` with libjpeg's message when decoding ``data`` (a JPEG stream, or an
+    abbreviated one after ``tables``: the JPEGTables segments without their EOI) gives a libjpeg
+    warning or error; return None when libjpeg decodes it cleanly.
+
+    The check decodes at 1/8 scale in grey (the entropy decoding runs in full; the inverse DCT and
+    colour conversion barely do), with TurboJPEG's stop-on-warning flag; the GIL is released.
+    """
+    import simplejpeg
+
+    stream = data if not tables else tables + bytes(data[2:])
+    simplejpeg.decode_jpeg(stream, colorspace="GRAY", min_factor=8, strict=True)
+
+
+def check_page_tiles(
+    path: str | os.PathLike[str],
+    page: tifffile.TiffPage,
+    x: int,
+    y: int,
+    width: int,
+    height: int,
+    *,
+    level: int | str,
+) -> None:
+    """Run :func:`check_jpeg` over the tiles of a JPEG-tiled ``page`` that the region (in the page's
+    pixels) touches: the strict check for pages read through tiffslide (those the fast path does not
+    take). Raises :class:`~bigsmall_torch.SlideReadError` naming the file, level and tile."""
+    if page.compression != _JPEG or not page.is_tiled:
+        return
+    tw, th = int(page.tilewidth), int(page.tilelength)
+    across = -(-int(page.imagewidth) // tw)
+    per_plane = across * -(-int(page.imagelength) // th)
+    planes = int(page.samplesperpixel) if page.planarconfig == 2 else 1
+    tables = page.jpegtables[:-2] if page.jpegtables else b""
+    offsets, counts = page.dataoffsets, page.databytecounts
+    with open(path, "rb") as f:
+        for row in range(y // th, (y + height - 1) // th + 1):
+            for col in range(x // tw, (x + width - 1) // tw + 1):
+                for plane in range(planes):
+                    index = plane * per_plane + row * across + col
+                    if index >= len(counts) or not counts[index]:
+                        continue
+                    f.seek(offsets[index])
+                    data = f.read(counts[index])
+                    try:
+                        check_jpeg(data, tables)
+                    except Exception as exc:
+                        raise SlideReadError(
+                            path,
+                            f"corrupt JPEG tile (col, row) = ({col}, {row}) of level {level} at "
+                            f"file offset {offsets[index]}: {exc}",
+                        ) from exc

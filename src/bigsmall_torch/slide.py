@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ._tiles import TileDecoder
+from ._tiles import TileDecoder, check_page_tiles
 from .errors import ConfigError, SlideOpenError, SlideReadError
 
 __all__ = ["Backend", "SlideCache", "SlideInfo", "SlideReader", "open_slide", "slide_info"]
@@ -136,10 +136,13 @@ def _check_tiff_levels(tif: Any, path: Path) -> tuple[int, int]:
 class _TiffSlideReader(_ReaderBase):
     """tiffslide, with the tile-direct fast path (:mod:`bigsmall_torch._tiles`) for JPEG-tiled levels."""
 
-    def __init__(self, path: Path, cache_bytes: int | None = None, decode_threads: int = 1) -> None:
+    def __init__(
+        self, path: Path, cache_bytes: int | None = None, decode_threads: int = 1, strict: bool = True
+    ) -> None:
         import tiffslide
 
         self._decode_threads = decode_threads
+        self._strict = strict
         self._decoders: dict[int, TileDecoder | None] = {}
         self._slide = tiffslide.TiffSlide(path)
         try:
@@ -164,7 +167,8 @@ class _TiffSlideReader(_ReaderBase):
             tif = self._slide.ts_tifffile
             page = tif.series[0].levels[level].keyframe
             self._decoders[level] = TileDecoder.for_level(
-                tif, page, path=self.info.path, threads=self._decode_threads, level=level
+                tif, page, path=self.info.path, threads=self._decode_threads, level=level,
+                strict=self._strict,
             )
         return self._decoders[level]
 
@@ -180,6 +184,12 @@ class _TiffSlideReader(_ReaderBase):
             arr = self._slide.read_region((x, y), level, (width, height), as_array=True)
         except Exception as exc:  # decoder errors come in many types
             raise SlideReadError(self.info.path, f"tiffslide failed to read the region: {exc}") from exc
+        if self._strict:  # tifffile drops libjpeg's corruption warnings: check the tiles read
+            ds = self.info.level_downsamples[level]
+            page = self._slide.ts_tifffile.series[0].levels[level].keyframe
+            check_page_tiles(
+                self.info.path, page, int(x / ds), int(y / ds), width, height, level=level
+            )
         if arr.ndim == 2:
             arr = np.repeat(arr[:, :, None], 3, axis=2)
         elif arr.shape[2] != 3:
@@ -209,7 +219,9 @@ def _openslide_cache(capacity: int) -> Any:
 
 
 class _OpenSlideReader(_ReaderBase):
-    def __init__(self, path: Path, cache_bytes: int | None = None, decode_threads: int = 1) -> None:
+    def __init__(
+        self, path: Path, cache_bytes: int | None = None, decode_threads: int = 1, strict: bool = True
+    ) -> None:
         import openslide
 
         self._slide = openslide.OpenSlide(path)
@@ -262,12 +274,18 @@ def open_slide(
     backend: str | Backend = "auto",
     openslide_cache_bytes: int | None = None,
     decode_threads: int = 1,
+    strict: bool = True,
 ) -> SlideReader:
     """Open a slide with ``backend`` (``"auto"`` tries tiffslide, then openslide).
 
     With tiffslide, levels whose tiles are 8-bit RGB/YCbCr JPEG are read by decoding the tiles of
     the region straight into the result (``decode_threads`` threads, the GIL released while
     decoding); other levels go through ``read_region``. Pixels are identical either way.
+
+    ``strict=True`` (the default) makes libjpeg's corruption warnings errors, as OpenSlide does:
+    a damaged JPEG tile raises :class:`SlideReadError` naming the file, level and tile instead of
+    giving made-up pixels (see :mod:`bigsmall_torch._tiles`; it costs about a quarter of the decode
+    time). ``strict=False`` skips that check (tifffile's own behaviour).
 
     ``openslide_cache_bytes`` bounds OpenSlide's tile cache (one cache of that size shared by the
     process's slides); None keeps OpenSlide's default (32 MiB per slide).
@@ -288,7 +306,7 @@ def open_slide(
     reasons: list[str] = []
     for candidate in order:
         try:
-            reader = _BACKENDS[candidate](file, openslide_cache_bytes, decode_threads)
+            reader = _BACKENDS[candidate](file, openslide_cache_bytes, decode_threads, bool(strict))
         except Exception as exc:  # each backend refuses in its own exception types
             reasons.append(f"{candidate.value}: {exc}")
             continue
@@ -328,6 +346,7 @@ class SlideCache:
         backend: str | Backend = "auto",
         openslide_cache_bytes: int = 32 << 20,
         decode_threads: int = 2,
+        strict: bool = True,
     ) -> None:
         if not isinstance(capacity, int) or capacity < 1:
             raise ConfigError(f"SlideCache: capacity must be an int >= 1, got {capacity!r}")
@@ -340,6 +359,7 @@ class SlideCache:
         self.capacity = capacity
         self.openslide_cache_bytes = openslide_cache_bytes
         self.decode_threads = decode_threads
+        self.strict = bool(strict)
         self.backend = _check_backend(backend)
         self._open: OrderedDict[Path, SlideReader] = OrderedDict()
         self._lock = threading.Lock()
@@ -361,6 +381,7 @@ class SlideCache:
                 backend=self.backend,
                 openslide_cache_bytes=self.openslide_cache_bytes,
                 decode_threads=self.decode_threads,
+                strict=self.strict,
             )
             self._open[key] = reader
             while len(self._open) > self.capacity:
