@@ -123,6 +123,22 @@ class RecordingCollector(SampleSmallchunkCollector):
         return smallchunk
 
 
+class RngCollector(SmallChunkCollector):
+    """Square crops (side ``const_global_info["patch"]``) drawn from ``self.rng``: a stream that
+    the seed determines."""
+
+    def extract_smallchunk(self, call_count, bigchunk, last_message_fromroot):
+        side = self.const_global_info["patch"]
+        H, W = bigchunk.data.shape[0], bigchunk.data.shape[1]
+        x, y = int(self.rng.integers(0, W - side + 1)), int(self.rng.integers(0, H - side + 1))
+        return SmallChunk(
+            data=bigchunk.data[y : y + side, x : x + side, :],
+            dict_info_of_smallchunk={"x": x, "y": y},
+            dict_info_of_bigchunk=bigchunk.dict_info_of_bigchunk,
+            patient=bigchunk.patient,
+        )
+
+
 class NoLoader(BigChunkLoader):
     pass
 
@@ -156,6 +172,7 @@ def dataset(slide_folder: Path) -> Dataset:
 def settings(**changes: Any) -> dict[str, Any]:
     const_global_info = get_default_constglobinf()
     const_global_info["side"] = 256  # of RecordingLoader's big chunks
+    const_global_info["patch"] = 64  # of RngCollector's small chunks
     const_global_info.update(changes)
     return const_global_info
 
@@ -186,6 +203,17 @@ def make(
         flag_enable_sendgetmessage=flag_enable_sendgetmessage,
         flag_enable_setgetcheckpoint=flag_enable_setgetcheckpoint,
     )
+
+
+def positions(dataloader: LightDL, batches: int) -> list[tuple[int, int, int, int, int]]:
+    """(patient, big chunk x, y, small chunk x, y) of the next ``batches`` batches."""
+    found = []
+    for _ in range(batches):
+        _, list_patients, list_smallchunks = dataloader.get()
+        for patient, smallchunk in zip(list_patients, list_smallchunks, strict=True):
+            big, small = smallchunk.dict_info_of_bigchunk, smallchunk.dict_info_of_smallchunk
+            found.append((patient.int_uniqueid, big["x"], big["y"], small["x"], small["y"]))
+    return found
 
 
 def workers_alive() -> set[int | None]:
@@ -350,6 +378,68 @@ def test_pause_loading_ends_cleanly_and_get_restarts(dataset: Dataset, num_worke
         assert loading_threads() == []
         assert dataloader.get_list_loadedpatients() == []
     dataloader.pause_loading()
+
+
+@pytest.mark.parametrize(
+    ("num_workers", "collector"),
+    [(0, RngCollector), (2, SampleSmallchunkCollector)],
+    ids=["workers0-self.rng", "workers2-np.random"],
+)
+def test_get_after_pause_continues_the_stream(
+    dataset: Dataset, num_workers: int, collector: type[SmallChunkCollector]
+) -> None:
+    def two_runs() -> tuple[list[Any], list[Any]]:
+        dataloader = make(
+            dataset, num_workers=num_workers, num_bigchunkloaders=2, smallchunks_per_bigchunk=5,
+            type_smallchunkcollector=collector,
+        )  # fmt: skip
+        first = positions(dataloader, 3)
+        dataloader.pause_loading()
+        assert dataloader._stream.epoch == 1  # the restart loads the engine's next epoch
+        second = positions(dataloader, 3)
+        dataloader.pause_loading()
+        return first, second
+
+    first, second = two_runs()
+    # The big chunks (the engine's generators) and the crops (self.rng with 0 workers, np.random
+    # seeded per worker and epoch with 2) both continue instead of replaying...
+    assert [big for *big, _, _ in second] != [big for *big, _, _ in first]
+    assert [small[-2:] for small in second] != [small[-2:] for small in first]
+    # ...and the same seed and the same get/pause sequence give the same stream.
+    assert two_runs() == (first, second)
+
+
+def test_stream_state_dict_resumes_exactly(dataset: Dataset) -> None:
+    def make_dl() -> LightDL:
+        return make(
+            dataset, num_workers=0, batch_size=5, num_bigchunkloaders=3,
+            smallchunks_per_bigchunk=4, type_smallchunkcollector=RngCollector,
+        )  # fmt: skip
+
+    reference = make_dl()
+    expected = [reference.get() for _ in range(5)]
+    reference.pause_loading()
+    interrupted = make_dl()
+    for _ in range(2):
+        interrupted.get()
+    state = pickle.loads(pickle.dumps(interrupted._stream.state_dict()))
+    interrupted.pause_loading()
+    assert state["samples"] == 10 and state["reservoir"] is not None
+    resumed = make_dl()
+    resumed._stream.load_state_dict(state)
+    got = [resumed.get() for _ in range(3)]
+    resumed.pause_loading()
+    for (x, list_patients, list_smallchunks), (x_ref, patients_ref, smallchunks_ref) in zip(
+        got, expected[2:], strict=True
+    ):
+        assert torch.equal(x, x_ref)
+        assert list_patients == patients_ref
+        assert [s.dict_info_of_bigchunk for s in list_smallchunks] == [
+            s.dict_info_of_bigchunk for s in smallchunks_ref
+        ]
+        assert [s.dict_info_of_smallchunk for s in list_smallchunks] == [
+            s.dict_info_of_smallchunk for s in smallchunks_ref
+        ]
 
 
 def test_context_manager_pauses(dataset: Dataset) -> None:
@@ -574,10 +664,12 @@ def test_workers_seed_the_global_generators_apart() -> None:
     saved = np.random.get_state(), random.getstate()
     try:
         draws = []
-        for worker in (0, 1, 0):
-            _seed_worker(0, worker)
+        for epoch, worker in [(0, 0), (0, 1), (1, 0), (0, 0)]:
+            _seed_worker(0, epoch, worker)
             draws.append((np.random.randint(1 << 30), random.random()))
     finally:
         np.random.set_state(saved[0])
         random.setstate(saved[1])
-    assert draws[0] == draws[2] and draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1]
+    assert draws[0] == draws[3]  # a function of (seed, epoch, worker) only
+    for other in draws[1:3]:  # another worker, or the same worker after a restart: other draws
+        assert draws[0][0] != other[0] and draws[0][1] != other[1]

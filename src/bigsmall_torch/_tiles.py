@@ -386,7 +386,7 @@ def check_page_tiles(
                         check_jpeg(data, tables)
                     except Exception as exc:
                         raise SlideReadError(
-                            path,
+                            Path(path),
                             f"corrupt JPEG tile (col, row) = ({col}, {row}) of level {level} at "
                             f"file offset {offsets[index]}: {exc}",
                         ) from exc

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .data import Patient
+from .errors import ExtractorError
 from .messages import MessageBoard
 from .slide import SlideCache, SlideReader
 
@@ -56,6 +57,44 @@ class BigChunk:
     info: dict[str, Any]
     patient: Patient
 
+    def __post_init__(self) -> None:
+        if self.data is None:
+            raise ExtractorError(
+                "BigChunk: data is None; a loader with nothing to give returns None instead of a "
+                "BigChunk"
+            )
+        _check_info("BigChunk", self.info)
+        if not isinstance(self.patient, Patient):
+            raise ExtractorError(
+                f"BigChunk: patient must be a bigsmall_torch.Patient, got {type(self.patient).__name__}"
+            )
+
+
+#: Sample keys a small chunk's ``info`` may not set: they would overwrite the image and the id.
+RESERVED_KEYS = frozenset({"image", "patient_id"})
+
+
+def image_array(small: SmallChunk) -> np.ndarray:
+    """``small.data`` when it is a numpy array (what samples and batches are made of), else an
+    :class:`~bigsmall_torch.ExtractorError` saying what a collector must return."""
+    data = small.data
+    if not isinstance(data, np.ndarray):
+        hint = (
+            " (a torch tensor: return tensor.numpy() in H x W x C; the dataset makes the CHW tensor)"
+            if type(data).__module__.startswith("torch")
+            else ""
+        )
+        raise ExtractorError(
+            f"SmallChunk: data must be a numpy array (H x W x C or H x W), got "
+            f"{type(data).__name__}{hint}"
+        )
+    return data
+
+
+def _check_info(what: str, info: Any) -> None:
+    if not isinstance(info, dict):
+        raise ExtractorError(f"{what}: info must be a dict, got {type(info).__name__}")
+
 
 @dataclass
 class SmallChunk:
@@ -70,6 +109,15 @@ class SmallChunk:
     info: dict[str, Any]
     bigchunk_info: dict[str, Any]
     patient: Patient
+
+    def __post_init__(self) -> None:
+        _check_info("SmallChunk", self.info)
+        clash = RESERVED_KEYS & self.info.keys()
+        if clash:
+            raise ExtractorError(
+                f"SmallChunk: info keys {sorted(clash)} are reserved (the sample's image and patient "
+                "id); store them under another name"
+            )
 
 
 @dataclass

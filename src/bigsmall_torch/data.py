@@ -47,6 +47,10 @@ class Record:
             raise ConfigError(
                 f"Record: path must be a str or os.PathLike, got {type(path).__name__}"
             )
+        if not os.fspath(path):
+            raise ConfigError("Record: path must not be empty (got '')")
+        if info is not None and not isinstance(info, Mapping):
+            raise ConfigError(f"Record: info must be a mapping or None, got {type(info).__name__}")
         object.__setattr__(self, "path", Path(path))
         object.__setattr__(self, "info", dict(info) if info is not None else {})
 
@@ -142,6 +146,13 @@ class Dataset:
         Raises:
             DatasetError: ``root`` is not a folder, or nothing matches ``pattern``.
         """
+        if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
+            raise ConfigError(
+                f"Dataset.from_folder: root must be a folder path (a non-empty str or os.PathLike), "
+                f"got {root!r}"
+            )
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"Dataset.from_folder: pattern must be a non-empty str, got {pattern!r}")
         folder = Path(root)
         if not folder.exists():
             raise DatasetError(f"Dataset.from_folder: root {str(folder)!r} does not exist")

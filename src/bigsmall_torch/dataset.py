@@ -6,25 +6,27 @@ import copy
 import logging
 import os
 import pickle
-import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from torch.utils.data import IterableDataset
 
-from ._batch_ring import InlineDict, apply_transform
-from ._batching import BatchBuilder, batch_count, batched_quota
-from ._sharding import (
-    Topology,
-    assign_shards,
-    current_topology,
-    distributed_rank_and_world,
-    split_evenly,
+from ._batching import batch_count, batched_quota
+from ._sharding import Topology, assign_shards, split_evenly
+from ._streaming import (
+    STATE_VERSION as _STATE_VERSION,
 )
-from ._types import Sample
-from ._validate import choice, optional_callable, positive_int
-from .chunks import BigChunkLoader, SmallChunk, SmallChunkCollector
+from ._streaming import (
+    Live,
+    StreamingDataset,
+    check_resume_topology,
+    to_sample,
+)
+from ._streaming import (
+    loader_workers as _loader_workers,
+)
+from ._validate import positive_int
+from .chunks import BigChunkLoader, SmallChunkCollector
 from .data import Dataset
 from .errors import ConfigError
 from .messages import MessageBoard
@@ -32,60 +34,30 @@ from .reservoir import OnError, Reservoir, ReservoirStats
 from .schedulers import LabelBalancedScheduler, LeastVisitedScheduler, Scheduler
 from .slide import Backend, SlideCache
 
-__all__ = ["BigSmallDataset", "check_resume_topology", "to_sample"]
+__all__ = ["BigSmallDataset", "available_memory", "check_resume_topology", "to_sample"]
+
+# Kept for importers of the names that moved to the streaming core.
+_ = (_STATE_VERSION, _loader_workers, ReservoirStats)
 
 logger = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``; elsewhere the physical
+    memory), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
-def _loader_workers() -> int:
-    """The DataLoader's ``num_workers`` as the user gave it (0 in the main process)."""
-    info = torch.utils.data.get_worker_info()
-    return 0 if info is None else info.num_workers
-
-
-def check_resume_topology(what: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Raise :class:`~bigsmall_torch.ConfigError` when a saved state's topology differs from the
-    current one (keys ``num_workers``, ``worker``, ``rank``, ``world_size``, ``batch_size``...)."""
-    if saved.get("version") != _STATE_VERSION:
-        raise ConfigError(f"{what}: state version {saved.get('version')!r} is not {_STATE_VERSION}")
-    for key, value in current.items():
-        if saved.get(key) != value:
-            raise ConfigError(
-                f"{what}: cannot resume with {key}={value!r}: the state was saved with "
-                f"{key}={saved.get(key)!r}; resume with the same DataLoader num_workers, batch_size, "
-                "rank and world size (or start the epoch afresh without load_state_dict)"
-            )
-
-
-class _Live:
-    """The position of the running iteration (what :meth:`BigSmallDataset.state_dict` reads)."""
-
-    def __init__(self, epoch: int, topology: dict[str, Any], yielded: int = 0) -> None:
-        self.epoch = epoch
-        self.topology = topology
-        self.yielded = yielded
-        self.finished = False
-        self.reservoir: Reservoir | None = None
-        self.pid = os.getpid()  # a forked worker ignores its parent's iteration
-
-
-def to_sample(small: SmallChunk) -> Sample:
-    """The sample dict of a small chunk: ``image`` as a CHW uint8 tensor (a view, no copy), the
-    patient id, its label when set, and every entry of the small chunk's ``info``."""
-    data = small.data
-    image = torch.from_numpy(data)
-    if image.ndim == 3:
-        image = image.permute(2, 0, 1)
-    sample: dict[str, Any] = InlineDict(image=image, patient_id=small.patient.id)
-    if small.patient.label is not None:
-        sample["label"] = small.patient.label
-    sample.update(small.info)
-    return sample  # type: ignore[return-value]
-
-
-class BigSmallDataset(IterableDataset[Sample]):
+class BigSmallDataset(StreamingDataset):
     """Patches streamed from big chunks held in RAM, sharded over DataLoader workers and ranks.
 
     Args:
@@ -125,6 +97,8 @@ class BigSmallDataset(IterableDataset[Sample]):
     (seed, epoch). With fewer patients than shards, a patient is shared by several shards, each owning
     a disjoint band of the slide (see :func:`~bigsmall_torch.loaders.part_bounds`).
     """
+
+    kind: ClassVar[str] = "BigSmallDataset"
 
     def __init__(
         self,
@@ -166,7 +140,6 @@ class BigSmallDataset(IterableDataset[Sample]):
             None if samples_per_epoch is None else positive_int("samples_per_epoch", samples_per_epoch)
         )
         self.prefetch = positive_int("prefetch", prefetch)
-        self.batch_size = None if batch_size is None else positive_int("batch_size", batch_size)
         if scheduler is not None and not isinstance(scheduler, Scheduler):
             raise ConfigError(f"scheduler must be a bigsmall_torch.Scheduler, got {type(scheduler).__name__}")
         self.scheduler = scheduler if scheduler is not None else LeastVisitedScheduler()
@@ -174,32 +147,24 @@ class BigSmallDataset(IterableDataset[Sample]):
             missing = [p.id for p in dataset.patients if p.label is None]
             if missing:
                 raise ConfigError(f"LabelBalancedScheduler needs a label on every patient; unlabelled: {missing[:10]}")
-        self.board = MessageBoard()
-        self.transform = optional_callable("transform", transform)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigError(f"seed must be an int >= 0, got {seed!r}")
         self.seed = seed
-        self.on_error = choice("on_error", on_error, OnError)
-        self.slides = SlideCache(
-            positive_int("max_open_slides", max_open_slides), backend=backend, decode_threads=decode_threads
-        )
-        self._explicit_topology = (rank, world_size)
-        self.rank, self.world_size = distributed_rank_and_world(rank, world_size)
+        self._setup_stream(
+            batch_size=batch_size, transform=transform, on_error=on_error, backend=backend,
+            max_open_slides=max_open_slides, decode_threads=decode_threads, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
+        self.board = MessageBoard()
         self._check_sizes()
+        self._check_memory(1)
         if validate:
             self._validate_patients()
         self._check_epoch_split()
         # Shared memory, so set_epoch reaches workers that are already running (persistent workers).
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._states: dict[Any, dict[str, Any]] = {}
-        self.last_stats = ReservoirStats()  # of the latest iteration in this process
-        self._live: _Live | None = None  # the running iteration
-        self._pending: dict[str, Any] | None = None  # a loaded state the next __iter__ resumes
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_live"] = None  # holds a reservoir (threads): never sent to workers
-        return state
+        self._memory_checked = 0  # the pid that checked the memory of all workers
 
     def _check_sizes(self) -> None:
         chunk, patch = self.loader.chunk_size, self.collector.patch_size
@@ -209,6 +174,30 @@ class BigSmallDataset(IterableDataset[Sample]):
                 f"chunks ({chunk[0]}x{chunk[1]})"
             )
 
+    def chunk_bytes(self) -> int | None:
+        """Bytes of one big chunk (3 channels of uint8 at the loader's chunk size), when known."""
+        size = self.loader.chunk_size
+        return None if size is None else size[0] * size[1] * 3
+
+    def _check_memory(self, workers: int) -> None:
+        """Refuse a configuration whose resident and prefetched big chunks cannot fit in memory:
+        ``(buffer_size + prefetch + 1) x chunk bytes x workers`` against the memory available."""
+        chunk = self.chunk_bytes()
+        available = available_memory()
+        if chunk is None or available is None:
+            return
+        per_worker = (self.buffer_size + self.prefetch + 1) * chunk
+        need = per_worker * max(1, workers)
+        if need > available:
+            gib = 1 << 30
+            raise ConfigError(
+                f"BigSmallDataset: buffer_size={self.buffer_size} and prefetch={self.prefetch} with "
+                f"big chunks of {chunk / (1 << 20):.1f} MiB need (buffer_size + prefetch + 1) x chunk "
+                f"x {max(1, workers)} worker(s) = {need / gib:.1f} GiB, but this machine has "
+                f"{available / gib:.1f} GiB available; lower buffer_size, prefetch, the chunk size "
+                "or num_workers"
+            )
+
     def _validate_patients(self) -> None:
         slides = SlideCache(4, backend=self.slides.backend)
         try:
@@ -216,11 +205,6 @@ class BigSmallDataset(IterableDataset[Sample]):
                 self.loader.validate(patient, slides)
         finally:
             slides.close()
-
-    def _refresh_topology(self) -> None:
-        """Re-read rank/world size (main process only: workers keep what they were given)."""
-        if torch.utils.data.get_worker_info() is None:
-            self.rank, self.world_size = distributed_rank_and_world(*self._explicit_topology)
 
     def _check_epoch_split(self) -> None:
         if self.samples_per_epoch is not None and self.samples_per_epoch % self.world_size:
@@ -283,10 +267,6 @@ class BigSmallDataset(IterableDataset[Sample]):
         per_rank = self.samples_per_epoch // self.world_size
         return per_rank if self.batch_size is None else batch_count(per_rank, self.batch_size)
 
-    def topology(self) -> Topology:
-        """The (rank, world size, worker, num_workers) of the calling process."""
-        return current_topology(self.rank, self.world_size)
-
     def shard_quota(self, topo: Topology) -> int | None:
         """Samples the shard ``topo`` yields this epoch (None: endless).
 
@@ -329,136 +309,52 @@ class BigSmallDataset(IterableDataset[Sample]):
 
     # -- checkpointing (torchdata's StatefulDataLoader) --------------------------------------------
 
-    def _topology_state(self, topo: Topology) -> dict[str, Any]:
-        return {
-            "version": _STATE_VERSION, "seed": self.seed, "rank": topo.rank, "world_size": topo.world_size,
-            "num_workers": _loader_workers(), "worker": topo.worker, "batch_size": self.batch_size,
-            "samples_per_epoch": self.samples_per_epoch, "buffer_size": self.buffer_size,
-        }
+    def _identity(self) -> dict[str, Any]:
+        return {"seed": self.seed, "samples_per_epoch": self.samples_per_epoch, "buffer_size": self.buffer_size}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Where this worker's stream stands, for ``torchdata.stateful_dataloader.StatefulDataLoader``.
-
-        Called in each DataLoader worker (in the main process with ``num_workers=0``) between
-        batches. The state (plain types, numpy generator states and pickled bytes) holds the epoch,
-        the topology, the samples yielded, the recipes of the resident big chunks (patient and
-        generator state of each read, so they can be read again), the generators and the scheduler,
-        and the per-patient states. Before an iteration starts it means "the start of the epoch".
-
-        Resuming: ``StatefulDataLoader.load_state_dict`` passes it back to :meth:`load_state_dict`
-        in a fresh process; the stream then goes on sample for sample as if it had never stopped.
-        Messages and weights sent from the training loop are not saved: send them again.
-        """
-        live = self._live
-        if live is not None and live.pid == os.getpid():
-            state: dict[str, Any] = dict(live.topology, epoch=live.epoch, samples=live.yielded,
-                                         finished=live.finished, reservoir=None)  # fmt: skip
-            if live.reservoir is not None and not live.finished:
-                state["reservoir"] = live.reservoir.state()
-                if state["reservoir"] is None:  # resident chunks not loaded yet: nothing yielded
-                    state["samples"] = 0
-        elif self._pending is not None:
-            return self._pending
-        else:
-            topo = self.topology()
-            state = dict(self._topology_state(topo), epoch=self.epoch, samples=0, finished=False, reservoir=None)
-        state["states"] = pickle.dumps(self._states)
-        return state
+    def _extra_state(self, live: Live | None) -> dict[str, Any]:
+        """The recipes of the resident big chunks (patient and generator state of each read, so
+        they can be read again), the generators and the scheduler, and the per-patient states.
+        Messages and weights sent from the training loop are not saved: send them again."""
+        reservoir = None
+        if live is not None and isinstance(live.extra, Reservoir) and not live.finished:
+            reservoir = live.extra.state()
+        return {"reservoir": reservoir, "states": pickle.dumps(self._states)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict` at the next iteration (``StatefulDataLoader`` calls it in each
-        worker before ``iter``). Also selects the saved epoch.
-
-        The DataLoader must have the same ``num_workers`` (and the dataset the same ``batch_size``,
-        seed, rank and world size) as when the state was saved: a different ``num_workers`` raises
-        :class:`~bigsmall_torch.ConfigError` naming both values when the iteration starts
-        (``StatefulDataLoader`` itself refuses a state saved with another number of workers with an
-        ``AssertionError`` before the dataset sees it).
-        """
-        if not isinstance(state, Mapping) or "epoch" not in state or "samples" not in state:
-            raise ConfigError(f"load_state_dict: not a BigSmallDataset state: {type(state).__name__}")
-        self._pending = dict(state)
+        """Resume from :meth:`state_dict` at the next iteration; also selects the saved epoch
+        (see :meth:`~bigsmall_torch._streaming.StreamingDataset.load_state_dict`)."""
+        super().load_state_dict(state)
         self._epoch[0] = int(state["epoch"])
-        self._live = None
 
     def __iter__(self) -> Iterator[Any]:
-        self._refresh_topology()
         self._check_epoch_split()
-        topo = self.topology()
-        pending, self._pending = self._pending, None
-        live = _Live(self.epoch, self._topology_state(topo))
+        topo, live, pending = self._begin()
         resume: dict[str, Any] | None = None
         if pending is not None:
-            check_resume_topology("BigSmallDataset", pending, live.topology)
-            live.epoch = int(pending["epoch"])
-            live.yielded = int(pending["samples"])
             self._states = pickle.loads(pending["states"])  # our own checkpoint
             resume = pending["reservoir"]
-        self._live = live
         quota = self.shard_quota(topo)
         if quota is not None:
             quota -= live.yielded
-        if (quota is not None and quota <= 0) or (pending is not None and pending["finished"]):
+        if (quota is not None and quota <= 0) or live.finished:
             live.finished = True
             return
+        if self._memory_checked != os.getpid():  # once per process: later epochs reuse the memory
+            self._memory_checked = os.getpid()
+            self._check_memory(topo.num_workers)
         reservoir = self.make_reservoir(topo, epoch=live.epoch)
-        live.reservoir = reservoir
+        live.extra = reservoir
+        live.skipped = reservoir.stats.skipped
         self.last_stats = reservoir.stats
+        self.slides.acquire()
         stream = reservoir.stream(resume)
         try:
-            if self.batch_size is None:
-                yield from self._samples(stream, quota, live)
-            else:
-                yield from self._batches(stream, quota, self.batch_size, live)
+            yield from self._output(stream, live, quota)
             live.finished = True
         finally:
             stream.close()
-            self.slides.close()
-
-    def _samples(self, stream: Iterator[SmallChunk], quota: int | None, live: _Live) -> Iterator[Sample]:
-        stats, clock = self.last_stats, time.perf_counter
-        for count, small in enumerate(stream, start=1):
-            t0 = clock()
-            sample = to_sample(small)
-            t1 = clock()
-            if self.transform is not None:
-                sample["image"] = self.transform(sample["image"])
-            t2 = clock()
-            stats.emit_s += t1 - t0
-            stats.transform_s += t2 - t1
-            live.yielded += 1
-            if quota is not None and count >= quota:
-                live.finished = True
-            yield sample
-            stats.outside_s += clock() - t2
-            if quota is not None and count >= quota:
-                return
-
-    def _batches(
-        self, stream: Iterator[SmallChunk], quota: int | None, batch_size: int, live: _Live
-    ) -> Iterator[dict[str, Any]]:
-        builder = BatchBuilder(batch_size)
-        stats, clock = self.last_stats, time.perf_counter
-        for count, small in enumerate(stream, start=1):
-            t0 = clock()
-            builder.add(small)
-            last = quota is not None and count >= quota
-            if len(builder) == batch_size or last:
-                batch = builder.build()
-                t1 = clock()
-                if self.transform is not None:
-                    apply_transform(batch, self.transform)
-                t2 = clock()
-                stats.emit_s += t1 - t0
-                stats.transform_s += t2 - t1
-                live.yielded += len(batch["patient_id"])
-                live.finished = last
-                yield batch
-                stats.outside_s += clock() - t2
-            else:
-                stats.emit_s += clock() - t0
-            if last:
-                return
+            self.slides.release()
 
     def __repr__(self) -> str:
         return (

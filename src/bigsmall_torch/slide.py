@@ -364,14 +364,37 @@ class SlideCache:
         self._open: OrderedDict[Path, SlideReader] = OrderedDict()
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._users = 0
+
+    def _own(self) -> None:
+        """Forget handles and users inherited through fork (call with the lock held)."""
+        if self._pid != os.getpid():
+            self._open.clear()
+            self._users = 0
+            self._pid = os.getpid()
+
+    def acquire(self) -> None:
+        """Mark one more user of the cache (an iteration); :meth:`release` closes the readers when
+        the last user leaves, so two iterations of one dataset in one process never close slides
+        under each other."""
+        with self._lock:
+            self._own()
+            self._users += 1
+
+    def release(self) -> None:
+        """One user fewer; the last one out closes every open reader."""
+        with self._lock:
+            self._own()
+            self._users = max(0, self._users - 1)
+            if self._users:
+                return
+        self.close()
 
     def get(self, path: str | os.PathLike[str]) -> SlideReader:
         """The open reader of ``path``, opening it (and closing the least recently used) if needed."""
         key = Path(path)
         with self._lock:
-            if self._pid != os.getpid():  # inherited through fork: never share handles
-                self._open.clear()
-                self._pid = os.getpid()
+            self._own()  # inherited through fork: never share handles
             reader = self._open.get(key)
             if reader is not None:
                 self._open.move_to_end(key)
@@ -403,6 +426,7 @@ class SlideCache:
         # Handles never travel to another process: a pickled cache arrives empty.
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
+        state["_users"] = 0
         del state["_lock"]
         return state
 

@@ -25,8 +25,10 @@ How PyDmed's pieces map onto the engine (the full table, with a before/after exa
 - ``const_global_info["num_bigchunkloaders"]``: the resident big chunks of all workers together
   (``buffer_size = ceil(num_bigchunkloaders / num_workers)`` per worker).
 - ``LightDL.get()``: the next batch of an endless ``DataLoader`` over the engine;
-  ``pause_loading()``: that iterator shut down; ``send_message``: ``BigSmallDataset.send_message``;
-  :class:`LabelBalancedDL`: :class:`~bigsmall_torch.LabelBalancedScheduler`.
+  ``pause_loading()``: that iterator shut down, and the engine moved to its next epoch
+  (``set_epoch``), so that the next ``get()`` continues the stream instead of replaying it;
+  ``send_message``: ``BigSmallDataset.send_message``; :class:`LabelBalancedDL`:
+  :class:`~bigsmall_torch.LabelBalancedScheduler`.
 
 Keys of ``const_global_info`` this layer adds (absent keys take the defaults of
 :func:`get_default_constglobinf`): ``"num_workers"`` (DataLoader workers, 0 loads in the calling
@@ -50,10 +52,12 @@ What behaves differently, and why:
   keep the message they saw), and a message stays until another replaces it.
 - **Checkpoints live in the worker** that owns the patient: they survive the big chunk being
   retired and reloaded there, and the loader sees them; as loading runs ahead, a loader may read a
-  checkpoint one chunk old. Loading restarted after ``pause_loading`` starts without them.
-- **Random numbers.** ``np.random`` and ``random`` are seeded per worker from ``"seed"``, so
-  workers never draw the same crops; the loading and collecting threads share them, so their order
-  is not reproducible. ``self.rng`` (a seeded ``numpy.random.Generator``) is: prefer it.
+  checkpoint one chunk old. With workers, loading restarted after ``pause_loading`` starts
+  without them (they lived in the workers that shut down).
+- **Random numbers.** ``np.random`` and ``random`` are seeded per worker from ``"seed"`` and the
+  epoch, so workers never draw the same crops and a restart does not replay them; the loading and
+  collecting threads share them, so their order is not reproducible. ``self.rng`` (a seeded
+  ``numpy.random.Generator``) is: prefer it. With ``"num_workers": 0`` they are left alone.
 - **A batch comes from one worker** (its resident big chunks), consecutive batches from different
   workers, rather than every batch from all resident chunks.
 - ``SmallChunk.data`` is None after the default collate (PyDmed puts a placeholder string there);
@@ -75,7 +79,7 @@ import weakref
 from collections.abc import Callable, Generator, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -597,7 +601,12 @@ class _CollectorAdapter(_chunks.SmallChunkCollector):
 
 class _LightDLStream(BigSmallDataset):
     """The engine as LightDL uses it: yields the user's :class:`SmallChunk` objects, endlessly,
-    with ``tfms`` applied to their data in the worker when the default collate is used."""
+    with ``tfms`` applied to their data in the worker when the default collate is used.
+
+    Iteration is :meth:`BigSmallDataset.__iter__`'s (epochs, ``state_dict`` / ``load_state_dict``,
+    quotas); only :meth:`_emit` differs, handing out the user's small chunks instead of sample
+    dicts.
+    """
 
     def __init__(
         self,
@@ -626,31 +635,27 @@ class _LightDLStream(BigSmallDataset):
         self._open: weakref.WeakSet[Generator[SmallChunk, None, None]] = weakref.WeakSet()
 
     def __iter__(self) -> Iterator[Any]:
-        stream = self._deliver(self.make_reservoir(self.topology()).stream())
+        stream = cast("Generator[SmallChunk, None, None]", super().__iter__())
         if torch.utils.data.get_worker_info() is None:
             self._open.add(stream)  # closed by close_streams (num_workers=0)
         return stream
 
-    def _deliver(
-        self, stream: Generator[_chunks.SmallChunk, None, None]
-    ) -> Generator[SmallChunk, None, None]:
-        try:
-            for small in stream:
-                user_small: SmallChunk = small.data
-                if self.tfms is not None:
-                    user_small.data = self.tfms(user_small.data)
-                yield user_small
-        finally:
-            stream.close()
-            self.slides.close()
+    def _emit(self, small: _chunks.SmallChunk) -> Any:
+        """The user's small chunk that the engine's small chunk carries, ``tfms`` applied."""
+        user_small: SmallChunk = small.data
+        if self.tfms is not None:
+            user_small.data = self.tfms(user_small.data)
+        return user_small
 
     def close_streams(self) -> None:
-        """Close the streams iterated in this process (stops their loading threads)."""
+        """Close the streams iterated in this process (stops their loading threads); the next
+        iteration's position is the start of the current epoch."""
         for stream in list(self._open):
             stream.close()
+        self._live = None
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state["_open"] = None
         return state
 
@@ -664,12 +669,21 @@ def _as_list(batch: list[SmallChunk]) -> list[SmallChunk]:
     return batch
 
 
-def _seed_worker(seed: int, worker_id: int) -> None:
-    """Seed ``np.random`` and ``random`` in a DataLoader worker, from (seed, worker): PyDmed code
-    draws from them, and forked workers would otherwise all draw the same numbers."""
-    np_state, py_state = derive_seed(_GLOBAL_RNG_STREAM, seed, worker_id).generate_state(2)
+def _seed_worker(seed: int, epoch: int, worker: int) -> None:
+    """Seed ``np.random`` and ``random`` from (seed, epoch, worker): PyDmed code draws from them,
+    forked workers would otherwise all draw the same numbers, and workers restarted after
+    ``pause_loading`` (the next epoch) would replay the draws of the first ones."""
+    np_state, py_state = derive_seed(_GLOBAL_RNG_STREAM, seed, epoch, worker).generate_state(2)
     np.random.seed(int(np_state))
     random.seed(int(py_state))
+
+
+def _init_worker(seed: int, worker_id: int) -> None:
+    """LightDL's ``worker_init_fn``: :func:`_seed_worker` with the epoch the worker streams."""
+    info = torch.utils.data.get_worker_info()
+    stream = None if info is None else info.dataset
+    epoch = stream.epoch if isinstance(stream, BigSmallDataset) else 0
+    _seed_worker(seed, epoch, worker_id)
 
 
 def _stack(
@@ -811,7 +825,7 @@ class LightDL:
             batch_size=batch_size,
             num_workers=self.num_workers,
             collate_fn=_as_list,
-            worker_init_fn=functools.partial(_seed_worker, self.seed) if self.num_workers else None,
+            worker_init_fn=functools.partial(_init_worker, self.seed) if self.num_workers else None,
         )
         self._iterator: Iterator[list[SmallChunk]] | None = None
 
@@ -895,7 +909,10 @@ class LightDL:
 
     def pause_loading(self) -> None:
         """Stop loading: the DataLoader's workers shut down (joined, not killed) and the loading
-        threads stop. A later :meth:`get` starts again with fresh workers."""
+        threads stop. A later :meth:`get` starts again with fresh workers, on the engine's next
+        epoch (``set_epoch``): the stream continues rather than replaying its start, as PyDmed's
+        did, and (with classes drawing from ``self.rng``) is the same for the same seed and the
+        same sequence of calls."""
         iterator, self._iterator = self._iterator, None
         if iterator is not None:
             shutdown = getattr(iterator, "_shutdown_workers", None)
@@ -903,6 +920,8 @@ class LightDL:
                 shutdown()
         self._stream.close_streams()
         self._plan.tracker.clear()
+        if iterator is not None:
+            self._stream.set_epoch(self._stream.epoch + 1)
 
     def __enter__(self) -> LightDL:
         return self

@@ -1,0 +1,298 @@
+"""The streaming core every dataset of the package is a front end of.
+
+:class:`StreamingDataset` owns what the training stream (:class:`~bigsmall_torch.BigSmallDataset`),
+sliding-window inference (:class:`~bigsmall_torch.SlidingWindowDataset`) and the PyDmed layer
+(``LightDL``) have in common, written once:
+
+- the **topology**: rank and world size (explicit, or read from ``torch.distributed`` in the main
+  process at construction, ``len()``, ``set_epoch`` and each iteration), worker and ``num_workers``;
+- **one versioned state schema** for ``state_dict`` / ``load_state_dict`` (torchdata's
+  ``StatefulDataLoader``): the topology the state was saved under (a resume under another one is
+  refused, naming both values), the epoch, the samples yielded, the stream *position* committed
+  with the last output (the front end's own unit: windows consumed, skipped ones included, for
+  sliding windows), and the front end's extra state;
+- **output**: per-sample dicts or whole batches built in the worker (shared-memory slots), the
+  ``transform``, quotas, and the position committed only with what was actually yielded (a batch
+  being filled is not yet consumed);
+- the **skip report** of ``on_error="skip"`` (:attr:`StreamingDataset.skipped`), and the slide cache
+  shared by the iterations of one process (closed when the last one ends).
+
+A front end implements :meth:`StreamingDataset._stream` (small chunks, setting ``live.cursor`` to the
+position after each one when its position is not simply the samples yielded) and, when it keeps
+more state, :meth:`_identity` and :meth:`_extra_state`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch.utils.data import IterableDataset
+
+from ._batch_ring import InlineDict, apply_transform
+from ._batching import BatchBuilder
+from ._sharding import Topology, current_topology, distributed_rank_and_world
+from ._validate import choice, optional_callable, positive_int
+from .chunks import SmallChunk, image_array
+from .errors import ConfigError
+from .reservoir import OnError, ReservoirStats
+from .slide import Backend, SlideCache
+
+__all__ = ["STATE_VERSION", "Live", "StreamingDataset", "check_resume_topology", "to_sample"]
+
+#: Version of the state schema of :meth:`StreamingDataset.state_dict`.
+STATE_VERSION = 2
+
+
+def loader_workers() -> int:
+    """The DataLoader's ``num_workers`` as the user gave it (0 in the main process)."""
+    info = torch.utils.data.get_worker_info()
+    return 0 if info is None else info.num_workers
+
+
+def check_resume_topology(what: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raise :class:`~bigsmall_torch.ConfigError` when a saved state's version or topology differs
+    from the current one (keys ``num_workers``, ``worker``, ``rank``, ``world_size``, ``batch_size``,
+    and the front end's identity keys)."""
+    if saved.get("version") != STATE_VERSION:
+        raise ConfigError(
+            f"{what}: state version {saved.get('version')!r} is not {STATE_VERSION} (a state saved by "
+            "another version of bigsmall_torch; start the epoch afresh)"
+        )
+    for key, value in current.items():
+        if saved.get(key) != value:
+            raise ConfigError(
+                f"{what}: cannot resume with {key}={value!r}: the state was saved with "
+                f"{key}={saved.get(key)!r}; resume with the same DataLoader num_workers, batch_size, "
+                "rank and world size (or start the epoch afresh without load_state_dict)"
+            )
+
+
+def to_sample(small: SmallChunk) -> dict[str, Any]:
+    """The sample dict of a small chunk: ``image`` as a CHW tensor (a view, no copy, dtype kept),
+    the patient id, its label when set, and every entry of the small chunk's ``info``."""
+    image = torch.from_numpy(image_array(small))
+    if image.ndim == 3:
+        image = image.permute(2, 0, 1)
+    sample: dict[str, Any] = InlineDict(image=image, patient_id=small.patient.id)
+    if small.patient.label is not None:
+        sample["label"] = small.patient.label
+    sample.update(small.info)
+    return sample
+
+
+@dataclass
+class Live:
+    """The running iteration of one process (what :meth:`StreamingDataset.state_dict` reads)."""
+
+    epoch: int
+    topology: dict[str, Any]
+    yielded: int = 0  # samples handed out
+    position: int = 0  # the stream position committed with the last output
+    cursor: int = 0  # the position after the last small chunk drawn (set by the front end)
+    finished: bool = False
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    extra: Any = None  # the front end's (e.g. the reservoir)
+    pid: int = field(default_factory=os.getpid)  # a forked worker ignores its parent's iteration
+
+
+class StreamingDataset(IterableDataset[Any]):
+    """Base of the package's iterable datasets (see the module docstring); not used directly."""
+
+    #: Names the front end in messages and in its states.
+    kind: ClassVar[str] = "StreamingDataset"
+
+    def _setup_stream(
+        self,
+        *,
+        batch_size: int | None,
+        transform: Callable[[torch.Tensor], Any] | None,
+        on_error: str | OnError,
+        backend: str | Backend,
+        max_open_slides: int,
+        decode_threads: int,
+        rank: int | None,
+        world_size: int | None,
+    ) -> None:
+        """Check and keep the arguments every front end shares."""
+        self.batch_size = None if batch_size is None else positive_int("batch_size", batch_size)
+        self.transform = optional_callable("transform", transform)
+        self.on_error = choice("on_error", on_error, OnError)
+        self.slides = SlideCache(
+            positive_int("max_open_slides", max_open_slides),
+            backend=backend,
+            decode_threads=positive_int("decode_threads", decode_threads),
+        )
+        for name, value in (("rank", rank), ("world_size", world_size)):
+            if value is not None:
+                positive_int(name, value, minimum=0 if name == "rank" else 1)
+        self._explicit_topology = (rank, world_size)
+        self.rank, self.world_size = distributed_rank_and_world(rank, world_size)
+        self._live: Live | None = None
+        self._pending: dict[str, Any] | None = None
+        self.last_stats = ReservoirStats()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_live"] = None  # may hold threads: never sent to workers
+        return state
+
+    # -- topology --------------------------------------------------------------------------------
+
+    def _refresh_topology(self) -> None:
+        """Re-read rank/world size (main process only: workers keep what they were given)."""
+        if torch.utils.data.get_worker_info() is None:
+            self.rank, self.world_size = distributed_rank_and_world(*self._explicit_topology)
+
+    def topology(self) -> Topology:
+        """The (rank, world size, worker, num_workers) of the calling process."""
+        return current_topology(self.rank, self.world_size)
+
+    def _topology_state(self, topo: Topology) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION, "kind": self.kind, "rank": topo.rank,
+            "world_size": topo.world_size, "num_workers": loader_workers(), "worker": topo.worker,
+            "batch_size": self.batch_size, **self._identity(),
+        }  # fmt: skip
+
+    def _identity(self) -> dict[str, Any]:
+        """Front-end settings a state must have been saved under to be resumed (e.g. the seed)."""
+        return {}
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this worker's stream stands, for ``torchdata.stateful_dataloader.StatefulDataLoader``.
+
+        Called in each DataLoader worker (in the main process with ``num_workers=0``) between
+        outputs. Before an iteration starts it means "the start of the epoch". Resuming:
+        ``StatefulDataLoader.load_state_dict`` passes it back to :meth:`load_state_dict` in a fresh
+        process, and the stream goes on as if it had never stopped.
+        """
+        live = self._live
+        if live is not None and live.pid == os.getpid():
+            state = dict(live.topology, epoch=live.epoch, samples=live.yielded,
+                         position=live.position, finished=live.finished)  # fmt: skip
+            state.update(self._extra_state(live))
+            return state
+        if self._pending is not None:
+            return self._pending
+        state = dict(self._topology_state(self.topology()), epoch=self.epoch, samples=0, position=0,
+                     finished=False)  # fmt: skip
+        state.update(self._extra_state(None))
+        return state
+
+    def _extra_state(self, live: Live | None) -> dict[str, Any]:
+        """The front end's part of the state (``live`` None: the start of the epoch)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict` at the next iteration (``StatefulDataLoader`` calls it in
+        each worker before ``iter``).
+
+        The DataLoader must have the same ``num_workers`` (and the dataset the same ``batch_size``,
+        rank, world size and settings) as when the state was saved: a difference raises
+        :class:`~bigsmall_torch.ConfigError` naming both values when the iteration starts.
+        """
+        if not isinstance(state, Mapping) or state.get("kind") != self.kind or "position" not in state:
+            got = state.get("kind") if isinstance(state, Mapping) else type(state).__name__
+            raise ConfigError(f"load_state_dict: not a {self.kind} state (got {got!r})")
+        self._pending = dict(state)
+        self._live = None
+
+    def _begin(self) -> tuple[Topology, Live, dict[str, Any] | None]:
+        """Start an iteration: the topology, its :class:`Live` record and the loaded state, if any
+        (checked against the current topology)."""
+        self._refresh_topology()
+        topo = self.topology()
+        pending, self._pending = self._pending, None
+        live = Live(self.epoch, self._topology_state(topo))
+        if pending is not None:
+            check_resume_topology(self.kind, pending, live.topology)
+            live.epoch = int(pending["epoch"])
+            live.yielded = int(pending["samples"])
+            live.position = live.cursor = int(pending["position"])
+            live.finished = bool(pending["finished"])
+        self._live = live
+        return topo, live, pending
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """What ``on_error="skip"`` skipped in this process's latest iteration: ``(what, reason)``
+        pairs (a slide's path, or a patient and the windows lost)."""
+        live = self._live
+        return [] if live is None else list(live.skipped)
+
+    # -- output ----------------------------------------------------------------------------------
+
+    def _emit(self, small: SmallChunk) -> Any:
+        """The per-sample output of one small chunk (before the transform)."""
+        return to_sample(small)
+
+    def _output(
+        self, smalls: Iterator[SmallChunk], live: Live, quota: int | None
+    ) -> Iterator[Any]:
+        """Samples or batches of ``smalls`` (at most ``quota`` samples), the transform applied,
+        the position committed with each output."""
+        if self.batch_size is not None:
+            yield from self._batches(smalls, live, quota, self.batch_size)
+            return
+        stats, clock = self.last_stats, time.perf_counter
+        for count, small in enumerate(smalls, start=1):
+            t0 = clock()
+            sample = self._emit(small)
+            t1 = clock()
+            if self.transform is not None:
+                sample["image"] = self.transform(sample["image"])
+            t2 = clock()
+            stats.emit_s += t1 - t0
+            stats.transform_s += t2 - t1
+            live.yielded += 1
+            live.position = live.cursor
+            last = quota is not None and count >= quota
+            live.finished = last
+            yield sample
+            stats.outside_s += clock() - t2
+            if last:
+                return
+
+    def _batches(
+        self, smalls: Iterator[SmallChunk], live: Live, quota: int | None, batch_size: int
+    ) -> Iterator[dict[str, Any]]:
+        builder = BatchBuilder(batch_size)
+        stats, clock = self.last_stats, time.perf_counter
+        for count, small in enumerate(smalls, start=1):
+            t0 = clock()
+            builder.add(small)
+            last = quota is not None and count >= quota
+            if len(builder) == batch_size or last:
+                yield from self._flush(builder, live, last, t0)
+            else:
+                stats.emit_s += clock() - t0
+            if last:
+                return
+        if len(builder):  # the stream ended before a quota (e.g. the last windows of a range)
+            yield from self._flush(builder, live, False, clock())
+
+    def _flush(self, builder: BatchBuilder, live: Live, last: bool, t0: float) -> Iterator[Any]:
+        stats, clock = self.last_stats, time.perf_counter
+        batch = builder.build()
+        t1 = clock()
+        if self.transform is not None:
+            apply_transform(batch, self.transform)
+        t2 = clock()
+        stats.emit_s += t1 - t0
+        stats.transform_s += t2 - t1
+        live.yielded += len(batch["patient_id"])
+        live.position = live.cursor
+        live.finished = last
+        yield batch
+        stats.outside_s += clock() - t2

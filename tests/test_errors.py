@@ -1,0 +1,118 @@
+"""Bad input gets the package's errors at the earliest point, naming the argument and what is
+allowed; two iterations of one dataset in one process do not disturb each other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import bigsmall_torch as bst
+from bigsmall_torch.chunks import BigChunk, ChunkContext, SmallChunk, SmallChunkCollector
+from bigsmall_torch.errors import ConfigError, ExtractorError
+
+
+def _dataset(folder: Path, n: int = 2) -> bst.Dataset:
+    return bst.Dataset.from_folder(folder, pattern="*.tiff").subset(range(n)) if hasattr(
+        bst.Dataset, "subset"
+    ) else bst.Dataset("d", bst.Dataset.from_folder(folder, pattern="*.tiff").patients[:n])
+
+
+def test_empty_record_path_is_refused() -> None:
+    with pytest.raises(ConfigError, match="Record: path must not be empty"):
+        bst.Record("")
+
+
+@pytest.mark.parametrize("root", [123, None, ""])
+def test_from_folder_refuses_a_non_path(root: Any) -> None:
+    with pytest.raises(ConfigError, match="from_folder: root must be a folder path"):
+        bst.Dataset.from_folder(root)
+
+
+def test_bigchunk_without_data_is_refused(slide_folder: Path) -> None:
+    patient = bst.Patient("p", {"wsi": bst.Record(slide_folder / "x.tiff")})
+    with pytest.raises(ExtractorError, match="BigChunk: data is None"):
+        BigChunk(None, {}, patient)
+
+
+class _Collector(SmallChunkCollector):
+    """Crops 32x32 at the chunk's origin; ``make`` turns (pixels, info) into the SmallChunk args."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return (32, 32)
+
+    def extract_smallchunk(self, call_count: int, bigchunk: BigChunk, ctx: ChunkContext) -> SmallChunk:
+        data: Any = bigchunk.data[:32, :32]
+        info: dict[str, Any] = {"x": 0}
+        if self.mode == "tensor":
+            data = torch.from_numpy(np.ascontiguousarray(data)).permute(2, 0, 1)
+        elif self.mode in ("image", "patient_id"):
+            info[self.mode] = 1
+        return SmallChunk(data, info, bigchunk.info, bigchunk.patient)
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+@pytest.mark.parametrize(
+    ("mode", "match"),
+    [
+        ("tensor", r"data must be a numpy array .* got Tensor \(a torch tensor: return tensor.numpy"),
+        ("image", r"info keys \['image'\] are reserved"),
+        ("patient_id", r"info keys \['patient_id'\] are reserved"),
+    ],
+)
+def test_collector_mistakes_are_named(slide_folder: Path, mode: str, match: str, batch_size: int | None) -> None:
+    dataset = bst.BigSmallDataset(
+        bst.Dataset.from_folder(slide_folder, pattern="*.tiff"), bst.RandomRegionLoader(size=128),
+        _Collector(mode), buffer_size=1, smallchunks_per_bigchunk=2, samples_per_epoch=8,
+        batch_size=batch_size,
+    )  # fmt: skip
+    with pytest.raises(ExtractorError, match=match):
+        next(iter(dataset))
+
+
+def test_buffer_that_cannot_fit_in_memory_is_refused_at_construction(slide_folder: Path) -> None:
+    with pytest.raises(ConfigError, match=r"buffer_size=1000000 .* need .* GiB, but this machine has"):
+        bst.BigSmallDataset(
+            bst.Dataset.from_folder(slide_folder, pattern="*.tiff"), bst.RandomRegionLoader(size=2048),
+            bst.RandomCropCollector(size=224), buffer_size=10**6, smallchunks_per_bigchunk=8,
+        )  # fmt: skip
+
+
+def test_memory_check_counts_the_workers(slide_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A configuration that fits one worker but not 64 is refused when the workers start."""
+    import bigsmall_torch.dataset as module
+
+    dataset = bst.BigSmallDataset(
+        bst.Dataset.from_folder(slide_folder, pattern="*.tiff"), bst.RandomRegionLoader(size=512),
+        bst.RandomCropCollector(size=64), buffer_size=4, smallchunks_per_bigchunk=8, prefetch=2,
+        samples_per_epoch=16,
+    )  # fmt: skip
+    per_worker = 7 * 512 * 512 * 3
+    monkeypatch.setattr(module, "available_memory", lambda: per_worker * 10)
+    dataset._check_memory(10)  # fits exactly
+    with pytest.raises(ConfigError, match=r"x 11 worker\(s\)"):
+        dataset._check_memory(11)
+
+
+def test_two_iterations_in_one_process_do_not_close_slides_under_each_other(slide_folder: Path) -> None:
+    dataset = bst.BigSmallDataset(
+        bst.Dataset.from_folder(slide_folder, pattern="*.tiff"), bst.RandomRegionLoader(size=256),
+        bst.RandomCropCollector(size=64), buffer_size=2, smallchunks_per_bigchunk=4,
+        samples_per_epoch=64, on_error="raise", seed=1,
+    )  # fmt: skip
+    first, second = iter(dataset), iter(dataset)
+    a = [next(first) for _ in range(8)]
+    b = [next(second) for _ in range(8)]
+    assert len(a) == len(b) == 8
+    for _ in first:  # the first ends and would close the shared slides...
+        pass
+    rest = list(second)  # ...but the second goes on reading them
+    assert len(b) + len(rest) == 64
+    assert dataset.last_stats.skipped == []
