@@ -3,6 +3,7 @@ Markdown tables."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import time
@@ -18,6 +19,7 @@ __all__ = [
     "REPO_ROOT",
     "LoaderTiming",
     "cpu_seconds",
+    "make_parser",
     "markdown_table",
     "peak_rss_mib",
     "prepare_slides",
@@ -29,6 +31,16 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_SLIDE = REPO_ROOT.parent / "shared" / "slides" / "cmu-1-small-region.svs"
+
+
+def make_parser(module_file: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser of a benchmark: usage and errors name it as ``python -m benchmarks.<name>``,
+    so an option it does not accept is refused with the benchmark's name."""
+    summary = (doc or "").strip().splitlines()
+    return argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{Path(module_file).stem}",
+        description=summary[0] if summary else None,
+    )
 
 
 def prepare_slides(folder: Path, *, n: int, size: int, seed: int = 0) -> list[Path]:

@@ -57,9 +57,23 @@ import bigsmall_torch as bst
 from bigsmall_torch.chunks import BigChunk, ChunkContext, SmallChunk
 
 try:
-    from ._common import REPO_ROOT, LoaderTiming, markdown_table, prepare_slides, time_loader
+    from ._common import (
+        REPO_ROOT,
+        LoaderTiming,
+        make_parser,
+        markdown_table,
+        prepare_slides,
+        time_loader,
+    )
 except ImportError:  # run as a script: python benchmarks/bench_core.py
-    from _common import REPO_ROOT, LoaderTiming, markdown_table, prepare_slides, time_loader
+    from _common import (
+        REPO_ROOT,
+        LoaderTiming,
+        make_parser,
+        markdown_table,
+        prepare_slides,
+        time_loader,
+    )
 
 __all__ = [
     "CropCeilingDataset",
@@ -675,7 +689,7 @@ _SCALED = {
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__file__, __doc__)
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: small slides, few batches (about a minute)"
     )

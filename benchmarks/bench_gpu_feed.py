@@ -36,10 +36,10 @@ import torch
 from torch.utils.data import DataLoader
 
 try:
-    from ._common import REPO_ROOT, markdown_table, prepare_slides
+    from ._common import REPO_ROOT, make_parser, markdown_table, prepare_slides
     from .bench_core import DECODE_THREADS, make_bigsmall
 except ImportError:  # run as a script: python benchmarks/bench_gpu_feed.py
-    from _common import REPO_ROOT, markdown_table, prepare_slides
+    from _common import REPO_ROOT, make_parser, markdown_table, prepare_slides
     from bench_core import DECODE_THREADS, make_bigsmall
 
 __all__ = ["GpuAugment", "WorkerAugment", "main", "run"]
@@ -206,7 +206,7 @@ def report(rows: Sequence[Row], args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__file__, __doc__)
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--slides", type=int, default=2)

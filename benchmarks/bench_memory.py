@@ -31,10 +31,10 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 try:
-    from ._common import REPO_ROOT, markdown_table, prepare_slides
+    from ._common import REPO_ROOT, make_parser, markdown_table, prepare_slides
     from .bench_core import BUFFER_SIZE, DECODE_THREADS, make_bigsmall
 except ImportError:  # run as a script: python benchmarks/bench_memory.py
-    from _common import REPO_ROOT, markdown_table, prepare_slides
+    from _common import REPO_ROOT, make_parser, markdown_table, prepare_slides
     from bench_core import BUFFER_SIZE, DECODE_THREADS, make_bigsmall
 
 __all__ = ["FLAT_THRESHOLD", "Point", "Trace", "main", "run_mode"]
@@ -219,7 +219,7 @@ def report(traces: Sequence[Trace], args: argparse.Namespace, load: float) -> st
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__file__, __doc__)
     parser.add_argument("--quick", action="store_true", help="8192x8192 slides (2 of them)")
     parser.add_argument(
         "--patches", type=int, default=204_800, help="patches per mode (>= 200,000)"

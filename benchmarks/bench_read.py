@@ -35,9 +35,9 @@ import numpy as np
 from bigsmall_torch._tiles import TileDecoder
 
 try:
-    from ._common import REPO_ROOT, markdown_table, prepare_slides
+    from ._common import REPO_ROOT, make_parser, markdown_table, prepare_slides
 except ImportError:  # run as a script: python benchmarks/bench_read.py
-    from _common import REPO_ROOT, markdown_table, prepare_slides
+    from _common import REPO_ROOT, make_parser, markdown_table, prepare_slides
 
 __all__ = ["Row", "main", "run"]
 
@@ -245,7 +245,7 @@ def report(rows: Sequence[Row]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = make_parser(__file__, __doc__)
     parser.add_argument(
         "--slides-dir",
         type=Path,

@@ -38,10 +38,10 @@ from torch.utils.data import DataLoader, Dataset
 import bigsmall_torch as bst
 
 try:
-    from ._common import REPO_ROOT, markdown_table, prepare_slides
+    from ._common import REPO_ROOT, make_parser, markdown_table, prepare_slides
     from .bench_core import DECODE_THREADS
 except ImportError:  # run as a script: python benchmarks/bench_sliding.py
-    from _common import REPO_ROOT, markdown_table, prepare_slides
+    from _common import REPO_ROOT, make_parser, markdown_table, prepare_slides
     from bench_core import DECODE_THREADS
 
 __all__ = ["NaiveGridDataset", "main", "run"]
@@ -243,7 +243,7 @@ def report(rows: Sequence[Row], total: int, args: argparse.Namespace, load: floa
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__file__, __doc__)
     parser.add_argument("--quick", action="store_true", help="an 8192x8192 slide")
     parser.add_argument("--size", type=int, help="slide side (default 32768; --quick 8192)")
     parser.add_argument(

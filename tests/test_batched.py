@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,16 @@ from bigsmall_torch.chunks import BigChunk, ChunkContext, SmallChunk
 
 
 def make(folder: Path, **kwargs: Any) -> bst.BigSmallDataset:
-    options: dict[str, Any] = dict(buffer_size=3, smallchunks_per_bigchunk=16, samples_per_epoch=256, seed=7)
+    options: dict[str, Any] = dict(
+        buffer_size=3, smallchunks_per_bigchunk=16, samples_per_epoch=256, seed=7
+    )
     options.update(kwargs)
     collector = options.pop("collector", bst.RandomCropCollector(64))
     return bst.BigSmallDataset(
-        bst.Dataset.from_folder(folder, pattern="*.tiff"), bst.RandomRegionLoader(512), collector, **options
+        bst.Dataset.from_folder(folder, pattern="*.tiff"),
+        bst.RandomRegionLoader(512),
+        collector,
+        **options,
     )
 
 
@@ -37,7 +43,9 @@ def flatten(batches: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_same_samples_as_per_sample_mode(slide_folder: Path, num_workers: int) -> None:
     per_sample = list(DataLoader(make(slide_folder), batch_size=32, num_workers=num_workers))
-    batched = list(DataLoader(make(slide_folder, batch_size=32), batch_size=None, num_workers=num_workers))
+    batched = list(
+        DataLoader(make(slide_folder, batch_size=32), batch_size=None, num_workers=num_workers)
+    )
     assert len(batched) == len(per_sample) == 8
     assert flatten(batched) == flatten(per_sample)
     first = batched[0]
@@ -74,18 +82,109 @@ def test_worker_batches_reuse_their_shared_memory_slots(slide_folder: Path) -> N
         addresses.append(batch["image"].data_ptr())
         del batch  # hands the slot back
     assert len(addresses) == 40
-    assert len(set(addresses)) <= 2 * 8  # a few slots per worker (3-5), each mapped once, not 40 buffers
+    # a few slots per worker (3-5), each mapped once, not 40 buffers
+    assert len(set(addresses)) <= 2 * 8
     per_sample = DataLoader(make(slide_folder, samples_per_epoch=320), batch_size=8, num_workers=2)
     assert stream(loader) == flatten(list(per_sample))
 
 
-def test_kept_batches_are_never_overwritten(slide_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def two_slots(worker_id: int) -> None:
+    """``worker_init_fn``: two batch slots per worker. Set in the worker itself, so that it holds
+    under every start method (a monkeypatch in the main process reaches forked workers only)."""
+    _batch_ring.MAX_SLOTS = 2
+
+
+def new_rings(before: set[str]) -> dict[str, _batch_ring._Mapped]:
+    """The worker rings the main process mapped since ``_MAPPED`` had the tokens ``before``."""
+    return {token: mapped for token, mapped in _batch_ring._MAPPED.items() if token not in before}
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_kept_batches_are_never_overwritten(slide_folder: Path, context: str) -> None:
     """A training loop that keeps its batches exhausts the slots; later batches get their own memory."""
-    monkeypatch.setattr(_batch_ring, "MAX_SLOTS", 2)  # read by forked workers
-    kept = list(DataLoader(make(slide_folder, batch_size=8, samples_per_epoch=160), batch_size=None, num_workers=2))
+    ds = make(slide_folder, batch_size=8, samples_per_epoch=160)
+    loader = DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=2,
+        worker_init_fn=two_slots,
+        multiprocessing_context=context,
+    )
+    before, kept, rings = set(_batch_ring._MAPPED), [], {}
+    for batch in loader:
+        kept.append(batch)
+        rings.update(new_rings(before))
+    # The limit held in each worker: its ring has MAX_SLOTS = 2 flags and sent two slots, not 16.
+    assert len(rings) == 2
+    assert all(len(m.control) == 2 and set(m.slots) == {0, 1} for m in rings.values())
     assert len({b["image"].data_ptr() for b in kept}) == 20
     per_sample = DataLoader(make(slide_folder, samples_per_epoch=160), batch_size=8, num_workers=2)
     assert flatten(kept) == flatten(list(per_sample))
+
+
+def without_use_count(worker_id: int) -> None:
+    """``worker_init_fn``: the worker behaves as under a torch build without ``_storage_Use_Count``."""
+    _batch_ring._use_count = None
+
+
+def test_without_the_storage_use_count_slots_are_never_reused(
+    slide_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without torch's use count the worker cannot prove a slot free (a transform may keep its
+    input): every batch gets a one-off buffer, no slot is ever sent, and the batches are right."""
+    monkeypatch.setattr(_batch_ring, "_use_count", None)
+    options: dict[str, Any] = dict(batch_size=8, samples_per_epoch=160)
+    plain = stream(DataLoader(make(slide_folder, **options), batch_size=None, num_workers=0))
+    loader = DataLoader(
+        make(slide_folder, **options),
+        batch_size=None,
+        num_workers=1,
+        worker_init_fn=without_use_count,
+    )
+    before, got = set(_batch_ring._MAPPED), []
+    for batch in loader:  # each batch dropped at once: a ring would reuse its slot
+        got.extend(flatten([batch]))
+        assert new_rings(before) == {}  # no slot reached the main process
+    assert got == plain
+    kept = list(loader)
+    assert new_rings(before) == {} and len({b["image"].data_ptr() for b in kept}) == 20
+    assert flatten(kept) == plain
+    # A transform that keeps a view of its input: a reused slot would change what it kept.
+    reference, transform = [], KeepsPrevious()
+    for batch in DataLoader(make(slide_folder, **options), batch_size=None, num_workers=0):
+        reference.extend(flatten([{**batch, "image": transform(batch["image"].clone())}]))
+    ds = make(slide_folder, transform=KeepsPrevious(), **options)
+    loader = DataLoader(ds, batch_size=None, num_workers=1, worker_init_fn=without_use_count)
+    assert stream(loader) == reference
+
+
+def test_without_the_storage_use_count_the_ring_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_batch_ring, "_use_count", None)
+    monkeypatch.setattr(_batch_ring, "_told_no_use_count", False)
+    monkeypatch.setattr(_batch_ring, "_RING", None)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as in a worker
+    with caplog.at_level(logging.INFO, logger=_batch_ring.__name__):
+        acquired = [_batch_ring.acquire_images((4, 3, 8, 8)) for _ in range(3)]
+    assert [lease for _, lease in acquired] == [None, None, None] and _batch_ring._RING is None
+    assert all(images.is_shared() and images.shape == (4, 3, 8, 8) for images, _ in acquired)
+    assert len({images.data_ptr() for images, _ in acquired}) == 3
+    assert [r.levelno for r in caplog.records] == [logging.INFO]  # said once
+    assert "_storage_Use_Count" in caplog.records[0].getMessage()
+    assert not _batch_ring._only_ring_holds(torch.UntypedStorage(8))  # never "free" on a guess
+
+
+class OnlyInWorkers:
+    """Wraps a transform so that it fails when called outside a DataLoader worker process."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform, self.main_pid = transform, os.getpid()
+
+    def __call__(self, images: torch.Tensor) -> Any:
+        if torch.utils.data.get_worker_info() is None or os.getpid() == self.main_pid:
+            raise RuntimeError("the batch transform ran outside a DataLoader worker")
+        return self.transform(images)
 
 
 @pytest.mark.parametrize("kind", ["new tensor", "in place", "view"])
@@ -95,12 +194,51 @@ def test_transforms_in_workers_with_slots(slide_folder: Path, kind: str) -> None
         "in place": lambda images: images.sub_(1),
         "view": lambda images: images[:, :, 8:-8, 8:-8],
     }
-    plain = list(DataLoader(make(slide_folder, batch_size=8, samples_per_epoch=128), batch_size=None, num_workers=2))
+    plain = list(
+        DataLoader(
+            make(slide_folder, batch_size=8, samples_per_epoch=128), batch_size=None, num_workers=2
+        )
+    )
     expected = flatten([{**b, "image": transforms[kind](b["image"].clone())} for b in plain])
-    ds = make(slide_folder, batch_size=8, samples_per_epoch=128, transform=transforms[kind])
+    ds = make(
+        slide_folder, batch_size=8, samples_per_epoch=128, transform=OnlyInWorkers(transforms[kind])
+    )
     loader = DataLoader(ds, batch_size=None, num_workers=2)
     assert stream(loader) == expected and len(expected) == 128
     assert stream(loader) == expected  # again, through slots released in the first epoch
+
+
+class StampsItsProcess:
+    """A batch transform whose output says where it ran."""
+
+    def __call__(self, images: torch.Tensor) -> dict[str, Any]:
+        info = torch.utils.data.get_worker_info()
+        return {
+            "pixels": images.flip(-1),
+            "pid": os.getpid(),
+            "worker": None if info is None else info.id,
+        }
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_batch_transform_runs_in_the_worker_process(
+    slide_folder: Path, num_workers: int
+) -> None:
+    options: dict[str, Any] = dict(batch_size=8, samples_per_epoch=64)
+    plain = list(
+        DataLoader(make(slide_folder, **options), batch_size=None, num_workers=num_workers)
+    )
+    ds = make(slide_folder, transform=StampsItsProcess(), **options)
+    stamped = list(DataLoader(ds, batch_size=None, num_workers=num_workers))
+    pids = {b["image"]["pid"] for b in stamped}
+    workers = {b["image"]["worker"] for b in stamped}
+    if num_workers:
+        assert os.getpid() not in pids and len(pids) == 2 and workers == {0, 1}
+    else:
+        assert pids == {os.getpid()} and workers == {None}
+    assert len(stamped) == len(plain) == 8
+    for got, want in zip(stamped, plain, strict=True):
+        assert torch.equal(got["image"]["pixels"], want["image"].flip(-1))
 
 
 def test_metadata_keeps_its_dtypes_through_workers(slide_folder: Path) -> None:
@@ -117,7 +255,9 @@ def test_metadata_keeps_its_dtypes_through_workers(slide_folder: Path) -> None:
 
 
 def test_rings_of_finished_workers_are_unmapped(slide_folder: Path) -> None:
-    loader = DataLoader(make(slide_folder, batch_size=8, samples_per_epoch=64), batch_size=None, num_workers=2)
+    loader = DataLoader(
+        make(slide_folder, batch_size=8, samples_per_epoch=64), batch_size=None, num_workers=2
+    )
     for _ in range(3):
         stream(loader)
     assert len(_batch_ring._MAPPED) <= 2  # this epoch's workers only
@@ -135,7 +275,9 @@ def test_transform_gets_the_whole_batch(slide_folder: Path) -> None:
 
 
 class RaggedCollector(bst.RandomCropCollector):
-    def extract_smallchunk(self, call_count: int, bigchunk: BigChunk, ctx: ChunkContext) -> SmallChunk | None:
+    def extract_smallchunk(
+        self, call_count: int, bigchunk: BigChunk, ctx: ChunkContext
+    ) -> SmallChunk | None:
         small = super().extract_smallchunk(call_count, bigchunk, ctx)
         if small is not None and call_count % 2:
             small.data = small.data[:32]
@@ -166,12 +308,16 @@ def test_gpu_style_augmentation_on_a_uint8_batch(slide_folder: Path) -> None:
     run on the whole batch on the device (here the CPU stands in for the GPU)."""
     from torchvision.transforms import v2
 
-    augment = v2.Compose([
-        v2.RandomHorizontalFlip(p=1.0),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]),
-    ])
-    batch = next(iter(DataLoader(make(slide_folder, batch_size=16), batch_size=None, num_workers=2)))
+    augment = v2.Compose(
+        [
+            v2.RandomHorizontalFlip(p=1.0),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]),
+        ]
+    )
+    batch = next(
+        iter(DataLoader(make(slide_folder, batch_size=16), batch_size=None, num_workers=2))
+    )
     images = batch["image"]
     assert images.dtype == torch.uint8
     out = augment(images)
@@ -186,7 +332,9 @@ def test_slots_under_the_file_system_sharing_strategy(slide_folder: Path) -> Non
     before = mp.get_sharing_strategy()
     mp.set_sharing_strategy("file_system")
     try:
-        loader = DataLoader(make(slide_folder, batch_size=8, samples_per_epoch=96), batch_size=None, num_workers=2)
+        loader = DataLoader(
+            make(slide_folder, batch_size=8, samples_per_epoch=96), batch_size=None, num_workers=2
+        )
         got = stream(loader)
     finally:
         mp.set_sharing_strategy(before)
@@ -194,16 +342,22 @@ def test_slots_under_the_file_system_sharing_strategy(slide_folder: Path) -> Non
     assert got == flatten(list(per_sample)) and len(got) == 96
 
 
-def test_transform_returning_views_of_the_slot_in_a_container(slide_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_transform_returning_views_of_the_slot_in_a_container(slide_folder: Path) -> None:
     """Views of the batch tensor inside a tuple are copied out before the slot is reused."""
-    monkeypatch.setattr(_batch_ring, "MAX_SLOTS", 2)
 
     def split(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return images[:, :1], images[:, 1:, 8:-8]
 
     options: dict[str, Any] = dict(batch_size=8, samples_per_epoch=160)
     plain = list(DataLoader(make(slide_folder, **options), batch_size=None, num_workers=2))
-    kept = list(DataLoader(make(slide_folder, transform=split, **options), batch_size=None, num_workers=2))
+    kept = list(
+        DataLoader(
+            make(slide_folder, transform=split, **options),
+            batch_size=None,
+            num_workers=2,
+            worker_init_fn=two_slots,
+        )
+    )
     assert len(kept) == len(plain) == 20
     for got, want in zip(kept, plain, strict=True):
         first, rest = split(want["image"])
@@ -246,14 +400,23 @@ def test_garbage_collected_in_a_forked_worker_does_not_free_a_live_slot(slide_fo
 
     gc.disable()  # only to place the collection deterministically
     try:
-        held = DataLoader(make(slide_folder, batch_size=8, samples_per_epoch=400), batch_size=None, num_workers=1,
-                          persistent_workers=True)
+        held = DataLoader(
+            make(slide_folder, batch_size=8, samples_per_epoch=400),
+            batch_size=None,
+            num_workers=1,
+            persistent_workers=True,
+        )
         batches = iter(held)
         cycle: list[Any] = [next(batches)]
         cycle.append(cycle)  # a batch that is cyclic garbage, not collected yet
         del cycle
-        other = DataLoader(make(slide_folder, batch_size=8, samples_per_epoch=16), batch_size=None, num_workers=1,
-                           worker_init_fn=lambda _: gc.collect())  # the forked child collects its copy
+        # the forked child collects its copy
+        other = DataLoader(
+            make(slide_folder, batch_size=8, samples_per_epoch=16),
+            batch_size=None,
+            num_workers=1,
+            worker_init_fn=lambda _: gc.collect(),
+        )
         next(iter(other))
         kept = []
         for _ in range(3):
@@ -268,10 +431,16 @@ def test_garbage_collected_in_a_forked_worker_does_not_free_a_live_slot(slide_fo
         gc.enable()
 
 
-def test_slots_of_finished_workers_are_unmapped_when_the_last_batch_goes(slide_folder: Path) -> None:
+def test_slots_of_finished_workers_are_unmapped_when_the_last_batch_goes(
+    slide_folder: Path,
+) -> None:
     import gc
 
-    stream(DataLoader(make(slide_folder, batch_size=8, samples_per_epoch=64), batch_size=None, num_workers=2))
+    stream(
+        DataLoader(
+            make(slide_folder, batch_size=8, samples_per_epoch=64), batch_size=None, num_workers=2
+        )
+    )
     gc.collect()
     assert _batch_ring._MAPPED == {}
 
@@ -287,12 +456,18 @@ def test_deepcopy_and_pickling_inside_a_worker(slide_folder: Path) -> None:
 
         def __iter__(self) -> Any:
             for batch in self.inner:
-                yield copy.deepcopy(batch) if self.how == "deepcopy" else pickle.loads(pickle.dumps(batch))
+                yield (
+                    copy.deepcopy(batch)
+                    if self.how == "deepcopy"
+                    else pickle.loads(pickle.dumps(batch))
+                )
 
     options: dict[str, Any] = dict(batch_size=8, samples_per_epoch=96)
     reference = stream(DataLoader(make(slide_folder, **options), batch_size=None, num_workers=1))
     for how in ("deepcopy", "pickle"):
-        loader = DataLoader(Wrapped(make(slide_folder, **options), how), batch_size=None, num_workers=1)
+        loader = DataLoader(
+            Wrapped(make(slide_folder, **options), how), batch_size=None, num_workers=1
+        )
         assert stream(loader) == reference, how
 
 
@@ -314,30 +489,58 @@ def test_per_sample_batches_carry_their_metadata_inline(slide_folder: Path) -> N
 
 
 @pytest.mark.parametrize("size", [64, 192])  # 12 KiB: sent inline; 110 KiB: copied out of the chunk
-def test_single_samples_from_workers_carry_only_their_own_pixels(slide_folder: Path, size: int) -> None:
+def test_single_samples_from_workers_carry_only_their_own_pixels(
+    slide_folder: Path, size: int
+) -> None:
     """A sample's image views its big chunk; sent alone it is copied, not the chunk rows it spans."""
     import pickle
 
     ds = make(slide_folder, samples_per_epoch=8, collector=bst.RandomCropCollector(size))
     sample = next(iter(ds))
-    assert sample["image"].untyped_storage().nbytes() > 2 * size * size * 3  # spans rows of the chunk
+    storage_bytes = sample["image"].untyped_storage().nbytes()
+    assert storage_bytes > 2 * size * size * 3  # spans rows of the chunk
     remote = next(iter(DataLoader(ds, batch_size=None, num_workers=1)))
     assert remote["image"].untyped_storage().nbytes() == size * size * 3
     assert torch.equal(remote["image"], sample["image"]) and remote["x"] == sample["x"]
     again = pickle.loads(pickle.dumps(sample))
-    assert type(again) is dict and torch.equal(again["image"], sample["image"]) and again["mpp"] == sample["mpp"]
+    assert (
+        type(again) is dict
+        and torch.equal(again["image"], sample["image"])
+        and again["mpp"] == sample["mpp"]
+    )
+
+
+def pretend_an_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the DataLoader believe an accelerator is present, so that it starts its pinning thread.
+
+    The DataLoader asks ``torch.cuda`` up to torch 2.6 and ``torch.accelerator`` from 2.7 on (2.6
+    has ``torch.accelerator`` but does not use it there), so both are faked, each function where this
+    torch has it: the test runs the same path on every torch the package supports (>= 2.2)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    accelerator = getattr(torch, "accelerator", None)
+    fakes: dict[str, Any] = {
+        "is_available": lambda: True,
+        "current_accelerator": lambda: None,  # "cpu-like": no device-specific pinning set-up
+        "current_device_index": lambda: 0,
+        "current_device_idx": lambda: 0,  # the torch 2.6 names
+        "set_device_index": lambda index: None,
+        "set_device_idx": lambda index: None,
+    }
+    for name, fake in fakes.items():
+        if hasattr(accelerator, name):
+            monkeypatch.setattr(accelerator, name, fake)
 
 
 def test_the_pin_memory_thread_path(slide_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``pin_memory=True`` the DataLoader unpickles batches in its pinning thread, copies them
     and drops the originals; slots then return to the workers even though every copy is kept. No
-    accelerator here: the accelerator checks are faked and "pinning" is a plain copy."""
+    accelerator here: the accelerator checks are faked and "pinning" is a plain copy (``copied``
+    proves the pinning thread ran, on whichever torch API the DataLoader consulted)."""
     import torch.utils.data._utils.pin_memory as pinning
 
-    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
-    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: None)
-    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
-    monkeypatch.setattr(torch.accelerator, "set_device_index", lambda index: None)
+    pretend_an_accelerator(monkeypatch)
     copied: list[bool] = []
 
     def fake_pin(data: Any, device: Any = None) -> Any:
@@ -348,9 +551,98 @@ def test_the_pin_memory_thread_path(slide_folder: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(pinning, "pin_memory", fake_pin)
     options: dict[str, Any] = dict(batch_size=8, samples_per_epoch=320)
-    loader = DataLoader(make(slide_folder, **options), batch_size=None, num_workers=2, pin_memory=True)
+    loader = DataLoader(
+        make(slide_folder, **options), batch_size=None, num_workers=2, pin_memory=True
+    )
     kept = list(loader)  # every (copied) batch is kept
     assert len(kept) == len(copied) == 40
     per_sample = DataLoader(make(slide_folder, samples_per_epoch=320), batch_size=8, num_workers=2)
     assert flatten(kept) == flatten(list(per_sample))
-    assert all(len(m.slots) <= 8 for m in _batch_ring._MAPPED.values())  # slots came back, not 16 + one-offs
+    # slots came back, not 16 + one-offs
+    assert all(len(m.slots) <= 8 for m in _batch_ring._MAPPED.values())
+
+
+class TypedCropCollector(bst.RandomCropCollector):
+    """Random crops converted to ``dtype``, with values a uint8 slot would mangle."""
+
+    def __init__(self, size: int, dtype: str) -> None:
+        super().__init__(size)
+        self.dtype = dtype
+
+    def extract_smallchunk(
+        self, call_count: int, bigchunk: BigChunk, ctx: ChunkContext
+    ) -> SmallChunk | None:
+        small = super().extract_smallchunk(call_count, bigchunk, ctx)
+        if small is not None:
+            small.data = convert(small.data, self.dtype)
+        return small
+
+
+def convert(data: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float32":
+        return data.astype(np.float32) / np.float32(255)  # in [0, 1]
+    if dtype == "int32":
+        return data.astype(np.int32) * 8_000_000 - 1_000_000_000  # wraps in uint8, negatives too
+    return data.astype(np.uint16) * np.uint16(257)  # 0..65535, low byte == high byte
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("dtype", ["float32", "int32", "uint16"])
+def test_batched_mode_keeps_the_patch_dtype(
+    slide_folder: Path, dtype: str, num_workers: int
+) -> None:
+    """Batches hold the collector's dtype, exactly as per-sample mode does (no cast to uint8)."""
+    collector = TypedCropCollector(64, dtype)
+    options: dict[str, Any] = dict(samples_per_epoch=64, collector=collector)
+    per_sample = list(
+        DataLoader(make(slide_folder, **options), batch_size=16, num_workers=num_workers)
+    )
+    loader = DataLoader(
+        make(slide_folder, batch_size=16, **options), batch_size=None, num_workers=num_workers
+    )
+    batched = list(loader)
+    expected = getattr(torch, dtype)
+    assert [b["image"].dtype for b in batched] == [expected] * 4
+    assert per_sample[0]["image"].dtype == expected
+    assert flatten(batched) == flatten(per_sample)
+    images = torch.cat([b["image"] for b in batched])
+    if dtype == "float32":
+        assert images.min() >= 0 and images.max() <= 1 and ((images > 0) & (images < 1)).any()
+    else:
+        assert images.double().abs().max() > 255  # values that a uint8 batch could not hold
+    assert stream(loader) == flatten(per_sample)  # again, each batch dropped: slots reused
+
+
+class MixedDtypeCollector(bst.RandomCropCollector):
+    def extract_smallchunk(
+        self, call_count: int, bigchunk: BigChunk, ctx: ChunkContext
+    ) -> SmallChunk | None:
+        small = super().extract_smallchunk(call_count, bigchunk, ctx)
+        if small is not None and call_count % 2:
+            small.data = small.data.astype(np.uint16)
+        return small
+
+
+def test_mixed_dtypes_in_a_batch_are_refused(slide_folder: Path) -> None:
+    with pytest.raises(bst.ExtractorError, match="dtype uint16 after uint8"):
+        list(make(slide_folder, batch_size=16, collector=MixedDtypeCollector(64)))
+
+
+def test_slots_hold_any_dtype_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slot is bytes: reused by a batch of the same size in bytes or of fewer bytes, resized when
+    every free slot is too small."""
+    monkeypatch.setattr(_batch_ring, "MAX_SLOTS", 2)
+    ring = _batch_ring._Ring()
+
+    def take(nbytes: int) -> tuple[int, int]:
+        lease = ring.acquire(nbytes)
+        assert lease is not None
+        lease.give_back()
+        return lease.slot, ring.storages[lease.slot].nbytes()
+
+    assert take(4000) == (0, 4000)  # e.g. 1000 float32
+    assert take(1000) == (0, 4000)  # 1000 uint8 fit in it
+    assert take(8000) == (1, 8000)  # too big for slot 0: a new slot while there is room
+    assert take(2000) == (0, 4000)  # the smallest slot that fits
+    assert take(8000) == (1, 8000)  # the same size
+    assert take(16000) == (0, 16000)  # no room left and none fits: a free one is resized

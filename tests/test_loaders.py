@@ -29,7 +29,9 @@ def odd_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def chunk_origins(path: Path, loader: bst.RandomRegionLoader, n: int = 200) -> list[tuple[int, int]]:
+def chunk_origins(
+    path: Path, loader: bst.RandomRegionLoader, n: int = 200
+) -> list[tuple[int, int]]:
     width, height = loader.size
     patient = bst.Patient("p", {"wsi": bst.Record(path)})
     slides = bst.SlideCache()
@@ -68,8 +70,11 @@ def test_unaligned_placement_is_still_available(odd_slide: Path) -> None:
 
 
 def test_alignment_at_a_coarser_level_uses_that_level_s_grid(slide_folder: Path) -> None:
-    origins = chunk_origins(slide_folder / "synthetic_000.tiff", bst.RandomRegionLoader(512, level=1), n=60)
-    assert all(x % 512 == 0 and y % 512 == 0 for x, y in origins)  # level-0 pixels of 256-tiles at 2x
+    origins = chunk_origins(
+        slide_folder / "synthetic_000.tiff", bst.RandomRegionLoader(512, level=1), n=60
+    )
+    # level-0 pixels of 256-tiles at 2x
+    assert all(x % 512 == 0 and y % 512 == 0 for x, y in origins)
 
 
 def test_alignment_on_a_real_slide(shared_slides: Path) -> None:

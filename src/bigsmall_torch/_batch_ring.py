@@ -2,16 +2,19 @@
 
 Allocating a fresh shared-memory tensor for every batch costs the worker a new segment and its page
 faults, the main process a new mapping and its page faults, and both a file descriptor handed over
-a socket. Here each worker keeps a *ring* of slots instead: uint8 buffers in shared memory that the
+a socket. Here each worker keeps a *ring* of slots instead: byte buffers in shared memory that the
 main process maps once, on the first batch that uses each slot. Later batches travel as a reference
-(ring token, slot, shape) plus their metadata, pickled by value.
+(ring token, slot, dtype, shape) plus their metadata, pickled by value. A slot holds a batch of any
+dtype that fits in it.
 
 In the main process the ``image`` of a batch is a view of its mapped slot. When the last reference
 to that view dies (after ``pin_memory`` copied it, or when the training step drops the batch) a flag
 in shared memory hands the slot back to the worker. A worker only writes into slots the main
 process has handed back; when every slot is taken (the training loop keeps its batches) it
 allocates a one-off buffer, so keeping batches is always safe, merely slower. A slot is also only
-reused once no tensor of the worker views it any more (a transform may keep its input).
+reused once no tensor of the worker views it any more (a transform may keep its input). That check
+needs ``torch._C._storage_Use_Count``, a private function some torch builds lack; without it the
+worker cannot prove a slot free, so it uses no slots at all, only one-off buffers.
 
 Only the process that unpickled a batch releases its slot (not a forked child that inherited the
 finalizer), and a transform whose output still views the slot gets its views copied out before the
@@ -48,11 +51,32 @@ _INLINE_BYTES = 1 << 16
 """Metadata tensors up to this size are pickled by value rather than through shared memory."""
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
+"""How many references a storage has; None in torch builds without it (then no slot is reused)."""
+
+_told_no_use_count = False
 
 
 def _only_ring_holds(storage: torch.UntypedStorage) -> bool:
-    """No tensor of this process views ``storage`` (only the ring's own reference is left)."""
-    return _use_count is None or int(_use_count(storage._cdata)) <= 1
+    """No tensor of this process views ``storage`` (only the ring's own reference is left).
+
+    False when that cannot be known (no ``_use_count``): a slot is never reused on a guess.
+    """
+    return _use_count is not None and int(_use_count(storage._cdata)) <= 1
+
+
+def _slots_usable() -> bool:
+    """Whether this torch build lets the ring prove a slot free; says once per process when not."""
+    global _told_no_use_count
+    if _use_count is not None:
+        return True
+    if not _told_no_use_count:
+        _told_no_use_count = True
+        logger.info(
+            "worker %d: this torch build has no torch._C._storage_Use_Count, so batch slots cannot be "
+            "proven free: every batch gets a one-off shared-memory buffer (correct, a little slower)",
+            os.getpid(),
+        )
+    return False
 
 
 class _Ring:
@@ -74,19 +98,28 @@ class _Ring:
                 for i, storage in enumerate(self.storages)
                 if self.flags[i] == 0 and _only_ring_holds(storage)
             ]
+            # The same size first, else the smallest slot big enough (a slot is untyped bytes: any
+            # dtype and shape that fit may use it).
             slot = next((i for i in free if self.storages[i].nbytes() == nbytes), None)
+            if slot is None:
+                fitting = [i for i in free if self.storages[i].nbytes() > nbytes]
+                slot = min(fitting, key=lambda i: self.storages[i].nbytes(), default=None)
             if slot is None:
                 if len(self.storages) < MAX_SLOTS:
                     slot = len(self.storages)
                     self.storages.append(torch.UntypedStorage._new_shared(nbytes))
                     self.announced.append(False)
-                    logger.debug("worker %d: batch slot %d created (%d bytes)", self.pid, slot, nbytes)
-                elif free:  # every slot has another size: resize a free one
+                    logger.debug(
+                        "worker %d: batch slot %d created (%d bytes)", self.pid, slot, nbytes
+                    )
+                elif free:  # every free slot is too small: resize one
                     slot = free[0]
                     self.storages[slot] = torch.UntypedStorage._new_shared(nbytes)
                     self.announced[slot] = False
                 else:
-                    logger.debug("worker %d: all %d batch slots in use, one-off buffer", self.pid, MAX_SLOTS)
+                    logger.debug(
+                        "worker %d: all %d batch slots in use, one-off buffer", self.pid, MAX_SLOTS
+                    )
                     return None
             self.flags[slot] = 1
             return _Lease(self, slot)
@@ -109,14 +142,20 @@ class _Lease:
 _RING: _Ring | None = None
 
 
-def _view(storage: torch.UntypedStorage, shape: tuple[int, ...]) -> torch.Tensor:
-    """A uint8 tensor of ``shape`` over the start of ``storage``."""
+def _view(
+    storage: torch.UntypedStorage, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """A contiguous ``dtype`` tensor of ``shape`` over the start of ``storage``."""
     strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape, strides)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
 
 
 def _flat(storage: torch.UntypedStorage) -> torch.Tensor:
-    return _view(storage, (storage.nbytes(),))
+    return _view(storage, (storage.nbytes(),), torch.uint8)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
 
 
 def _worker_ring() -> _Ring:
@@ -126,19 +165,22 @@ def _worker_ring() -> _Ring:
     return _RING
 
 
-def acquire_images(shape: tuple[int, ...]) -> tuple[torch.Tensor, _Lease | None]:
-    """An uninitialised uint8 tensor of ``shape`` for a batch's images, and the slot it occupies.
+def acquire_images(
+    shape: tuple[int, ...], dtype: torch.dtype = torch.uint8
+) -> tuple[torch.Tensor, _Lease | None]:
+    """An uninitialised ``dtype`` tensor of ``shape`` for a batch's images, and the slot it occupies.
 
-    In a DataLoader worker the tensor is a slot of the worker's ring or, when every slot is taken,
-    a one-off tensor already in shared memory; in the main process an ordinary tensor.
+    In a DataLoader worker the tensor is a slot of the worker's ring or, when every slot is taken
+    (or this torch build cannot tell a free slot), a one-off tensor already in shared memory; in the
+    main process an ordinary tensor.
     """
-    nbytes = math.prod(shape)
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8), None
-    lease = _worker_ring().acquire(nbytes)
+        return torch.empty(shape, dtype=dtype), None
+    nbytes = _nbytes(shape, dtype)
+    lease = _worker_ring().acquire(nbytes) if _slots_usable() else None
     if lease is None:
-        return _view(torch.UntypedStorage._new_shared(nbytes), shape), None
-    lease.tensor = _view(lease.ring.storages[lease.slot], shape)
+        return _view(torch.UntypedStorage._new_shared(nbytes), shape, dtype), None
+    lease.tensor = _view(lease.ring.storages[lease.slot], shape, dtype)
     return lease.tensor, lease
 
 
@@ -205,9 +247,10 @@ class RingBatch(InlineDict):
             storage = None if ring.announced[lease.slot] else _flat(ring.storages[lease.slot])
             ring.announced[lease.slot] = True
         control = None if storage is None else ring.control
-        shape = tuple(image.shape)
+        shape, dtype = tuple(image.shape), image.dtype
         lease.tensor = None  # the worker's last views of the slot go with this batch
-        return _rebuild_ring, (ring.token, ring.pid, control, lease.slot, storage, shape, meta)
+        where = (ring.token, ring.pid, control, lease.slot, storage)
+        return _rebuild_ring, (*where, shape, dtype, meta)
 
 
 _PLAIN_LEAVES = (str, bytes, int, float, complex, bool, type(None), np.ndarray, np.generic)
@@ -233,8 +276,10 @@ def apply_transform(batch: dict[str, Any], transform: Callable[[Any], Any]) -> N
         batch.lease = None  # unknown objects: the slot stays taken
         return
     if any(isinstance(leaf, torch.Tensor) and _in_slot(leaf, lease) for leaf in leaves):
-        leaves = [leaf.clone() if isinstance(leaf, torch.Tensor) and _in_slot(leaf, lease) else leaf
-                  for leaf in leaves]
+        leaves = [
+            leaf.clone() if isinstance(leaf, torch.Tensor) and _in_slot(leaf, lease) else leaf
+            for leaf in leaves
+        ]
         batch["image"] = torch.utils._pytree.tree_unflatten(leaves, spec)
     batch.lease, lease.tensor = None, None
     del images, out, leaves
@@ -320,6 +365,11 @@ def _forget_exited() -> None:
             del _MAPPED[token]
 
 
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
+    """The numpy dtype of ``dtype`` (batch images come from numpy arrays, so there is one)."""
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
 def _release(control: np.ndarray, slot: int, receiver: int) -> None:
     """Hand ``slot`` back, only in the process that received the batch (not in a forked child
     running its copy of the finalizer); then forget the rings of exited workers, so that the last
@@ -337,11 +387,12 @@ def _rebuild_ring(
     slot: int,
     storage: torch.Tensor | None,
     shape: tuple[int, ...],
+    dtype: torch.dtype,
     meta: dict[str, Any],
 ) -> dict[str, Any]:
     if pid == os.getpid():  # unpickled inside the worker itself (user code pickling a batch)
         ring = _worker_ring()
-        image = _view(ring.storages[slot], shape).clone()
+        image = _view(ring.storages[slot], shape, dtype).clone()
         with ring.lock:
             if storage is not None:
                 ring.announced[slot] = False  # the main process has not seen it after all
@@ -362,7 +413,8 @@ def _rebuild_ring(
                 "batched-mode batches must reach the main process through the DataLoader only "
                 "(clone batch['image'] before pickling a batch inside a worker)"
             )
-        array = mapped.slots[slot][: math.prod(shape)].reshape(shape)
+        flat = mapped.slots[slot][: _nbytes(shape, dtype)]
+        array = flat.view(_numpy_dtype(dtype)).reshape(shape)
     finalizer = weakref.finalize(array, _release, mapped.control, slot, os.getpid())
     finalizer.atexit = False
     return {"image": torch.from_numpy(array), **_unwrap(meta)}

@@ -1,8 +1,9 @@
 """Batched mode: whole batches assembled inside the worker.
 
-Crops are written straight into one uint8 batch tensor that, in a DataLoader worker, is a reusable
-shared-memory slot (:mod:`~bigsmall_torch._batch_ring`), so handing it to the main process copies
-nothing; metadata becomes small tensors. Used with ``DataLoader(dataset, batch_size=None)``.
+Crops are written straight into one batch tensor, of the crops' own dtype, that in a DataLoader
+worker is a reusable shared-memory slot (:mod:`~bigsmall_torch._batch_ring`), so handing it to the
+main process copies nothing; metadata becomes small tensors. Used with
+``DataLoader(dataset, batch_size=None)``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch.utils.data import default_collate
 
 from ._batch_ring import RingBatch, _Lease, acquire_images
 from ._sharding import split_evenly
-from .chunks import SmallChunk
+from .chunks import SmallChunk, image_array
 from .errors import ExtractorError
 
 __all__ = ["BatchBuilder", "batch_count", "batched_quota"]
@@ -42,8 +43,23 @@ def batched_quota(total: int, batch_size: int, num_workers: int, worker: int) ->
     return samples
 
 
+def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
+    """The torch dtype of a patch's numpy ``dtype``, or :class:`ExtractorError` when torch has none."""
+    try:
+        return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    except (TypeError, ValueError) as exc:  # no such torch dtype, or a non-native byte order
+        raise ExtractorError(
+            f"batched mode cannot hold patches of dtype {dtype}: {exc}; have the collector return "
+            "a dtype torch supports, in native byte order"
+        ) from exc
+
+
 class BatchBuilder:
-    """Collects up to ``batch_size`` small chunks into one batch dict."""
+    """Collects up to ``batch_size`` small chunks into one batch dict.
+
+    The batch's images keep the dtype of the first small chunk's data; a later small chunk of another
+    dtype is refused (:class:`~bigsmall_torch.ExtractorError`), never cast.
+    """
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
@@ -56,15 +72,22 @@ class BatchBuilder:
         return len(self._meta)
 
     def add(self, small: SmallChunk) -> None:
-        data = small.data
+        data = image_array(small)
         chw = data.transpose(2, 0, 1) if data.ndim == 3 else data[None]
         if self._array is None:
-            self._images, self._lease = acquire_images((self.batch_size, *chw.shape))
+            self._images, self._lease = acquire_images(
+                (self.batch_size, *chw.shape), _torch_dtype(chw.dtype)
+            )
             self._array = self._images.numpy()
         elif chw.shape != self._array.shape[1:]:
             raise ExtractorError(
                 f"batched mode needs equal patch shapes: got {chw.shape} after {self._array.shape[1:]} "
                 "(CHW); use per-sample mode for patches of varying size"
+            )
+        elif chw.dtype != self._array.dtype:
+            raise ExtractorError(
+                f"batched mode needs one dtype per batch: got a patch of dtype {chw.dtype} after "
+                f"{self._array.dtype}; have the collector return one dtype, or use per-sample mode"
             )
         self._array[len(self._meta)] = chw
         meta: dict[str, Any] = {"patient_id": small.patient.id}
@@ -74,7 +97,8 @@ class BatchBuilder:
         self._meta.append(meta)
 
     def build(self) -> dict[str, Any]:
-        """The batch (``image`` [n, C, H, W] uint8 plus collated metadata); resets the builder."""
+        """The batch (``image`` [n, C, H, W] of the patches' dtype, plus collated metadata); resets
+        the builder."""
         assert self._images is not None, "build() on an empty BatchBuilder"
         n = len(self._meta)
         images = self._images[:n] if n < self.batch_size else self._images

@@ -119,17 +119,18 @@ class StreamingDataset(IterableDataset[Any]):
         world_size: int | None,
     ) -> None:
         """Check and keep the arguments every front end shares."""
-        self.batch_size = None if batch_size is None else positive_int("batch_size", batch_size)
-        self.transform = optional_callable("transform", transform)
-        self.on_error = choice("on_error", on_error, OnError)
+        kind = self.kind
+        self.batch_size = None if batch_size is None else positive_int(f"{kind}: batch_size", batch_size)
+        self.transform = optional_callable(f"{kind}: transform", transform)
+        self.on_error = choice(f"{kind}: on_error", on_error, OnError)
         self.slides = SlideCache(
-            positive_int("max_open_slides", max_open_slides),
+            positive_int(f"{kind}: max_open_slides", max_open_slides),
             backend=backend,
-            decode_threads=positive_int("decode_threads", decode_threads),
+            decode_threads=positive_int(f"{kind}: decode_threads", decode_threads),
         )
-        for name, value in (("rank", rank), ("world_size", world_size)):
+        for name, value, minimum in (("rank", rank, 0), ("world_size", world_size, 1)):
             if value is not None:
-                positive_int(name, value, minimum=0 if name == "rank" else 1)
+                positive_int(f"{kind}: {name}", value, minimum=minimum)
         self._explicit_topology = (rank, world_size)
         self.rank, self.world_size = distributed_rank_and_world(rank, world_size)
         self._live: Live | None = None

@@ -1,5 +1,6 @@
-"""The ``bigsmall-torch`` command line: ``demo`` (a tour on synthetic slides), ``inspect`` (what a
-slide holds) and ``bench`` (the benchmarks of a source checkout)."""
+"""The ``bigsmall-torch`` command line: ``demo`` (a tour on synthetic slides) and ``inspect`` (what a
+slide holds). The benchmarks are not installed: run them from a source checkout with
+``python -m benchmarks.bench_core`` and the like (``python -m benchmarks`` lists them)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import collections
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,9 +53,13 @@ def run_demo(args: argparse.Namespace) -> int:
     folder = Path(args.cache_dir) / "demo-slides"
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    infos = synthesize_slides(folder, n=args.slides, width=args.slide_size, height=args.slide_size, tissue="blobs")
-    print(f"{len(infos)} synthetic slides of {args.slide_size}x{args.slide_size} in {folder} "
-          f"({time.perf_counter() - started:.1f} s)")
+    infos = synthesize_slides(
+        folder, n=args.slides, width=args.slide_size, height=args.slide_size, tissue="blobs"
+    )
+    print(
+        f"{len(infos)} synthetic slides of {args.slide_size}x{args.slide_size} in {folder} "
+        f"({time.perf_counter() - started:.1f} s)"
+    )
 
     samples = args.batches * args.batch_size
     slides = bst.Dataset.from_folder(folder, pattern="*.tiff")
@@ -67,7 +73,9 @@ def run_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,  # batched mode: whole batches built in the workers
     )
-    loader = DataLoader(ds, batch_size=None, num_workers=args.workers, pin_memory=torch.cuda.is_available())
+    loader = DataLoader(
+        ds, batch_size=None, num_workers=args.workers, pin_memory=torch.cuda.is_available()
+    )
     mix: list[int] = []
     patients: collections.Counter[str] = collections.Counter()
     recorder = bst.SamplingRecorder()
@@ -83,29 +91,38 @@ def run_demo(args: argparse.Namespace) -> int:
         count += len(ids)
         recorder.update(batch)
     elapsed = time.perf_counter() - started
-    print(f"{count} patches of {args.patch_size}x{args.patch_size} in {elapsed:.2f} s: "
-          f"{count / elapsed:,.0f} patches/s (first batch after {first_batch or 0:.2f} s)")
-    print(f"distinct patients per batch: min {min(mix)}, mean {sum(mix) / len(mix):.2f}, max {max(mix)}")
+    print(
+        f"{count} patches of {args.patch_size}x{args.patch_size} in {elapsed:.2f} s: "
+        f"{count / elapsed:,.0f} patches/s (first batch after {first_batch or 0:.2f} s)"
+    )
+    print(
+        f"distinct patients per batch: min {min(mix)}, mean {sum(mix) / len(mix):.2f}, max {max(mix)}"
+    )
     print("patches per patient: " + ", ".join(f"{k}={v}" for k, v in sorted(patients.items())))
     out = Path(args.cache_dir) / "demo-output"
     pictures = recorder.render_all(slides, out / "sampling", thumbnail_size=768)
-    print(f"where the patches came from (tissue only): {len(pictures)} pictures in {out / 'sampling'}")
+    print(
+        f"where the patches came from (tissue only): {len(pictures)} pictures in {out / 'sampling'}"
+    )
     if args.no_inference:
         return 0
     windows = bst.SlidingWindowDataset(
         bst.Dataset("demo", slides.patients[:1]), patch_size=64, mpp=2.0, batch_size=64
     )
-    stitcher = bst.Stitcher(windows, out / "heatmaps", vmin=0.0, vmax=1.0, progress=not args.no_progress)
+    stitcher = bst.Stitcher(
+        windows, out / "heatmaps", vmin=0.0, vmax=1.0, progress=not args.no_progress
+    )
     model = _tissue_score_model()
     started = time.perf_counter()
     with torch.no_grad():
         for batch in DataLoader(windows, batch_size=None, num_workers=args.workers):
             stitcher.add(model(batch["image"]), batch)
     result = next(iter(stitcher.finish().values()))
-    print(f"sliding-window inference: {windows.total_windows} windows in {time.perf_counter() - started:.2f} s; "
-          f"heatmap {result.paths.get('png')}")
+    print(
+        f"sliding-window inference: {windows.total_windows} windows in {time.perf_counter() - started:.2f} s; "
+        f"heatmap {result.paths.get('png')}"
+    )
     return 0
-
 
 
 def _tissue_score_model() -> Any:
@@ -121,59 +138,62 @@ def _tissue_score_model() -> Any:
     return TissueScore().eval()
 
 
-def run_inspect(args: argparse.Namespace) -> int:
-    """Print what each slide holds; an unreadable slide prints its error and makes the exit code 1."""
+def _describe(path: Path, args: argparse.Namespace) -> list[str]:
+    """The lines ``inspect`` prints about one slide; raises whatever reading it raises."""
     import bigsmall_torch as bst
+
+    reader = bst.open_slide(path, backend=args.backend)
+    try:
+        info = reader.info
+        tile = f"{info.tile_size[0]}x{info.tile_size[1]}" if info.tile_size else "-"
+        lines = [
+            f"{info.path}",
+            f"  backend:   {info.backend}",
+            f"  vendor:    {info.vendor or '-'}",
+            f"  mpp:       {info.mpp if info.mpp is not None else '-'}",
+            f"  objective: {info.objective_power if info.objective_power is not None else '-'}",
+            f"  tile size: {tile}",
+        ]
+        levels = zip(info.level_dimensions, info.level_downsamples, strict=True)
+        for level, ((w, h), ds) in enumerate(levels):
+            lines.append(f"  level {level}:   {w} x {h} (downsample {ds:g})")
+        if not args.no_tissue:
+            try:
+                lines.append(f"  tissue:    {bst.tissue_mask(reader).fraction:.1%}")
+            except bst.MissingDependencyError as exc:
+                lines.append(f"  tissue:    - ({exc})")
+        return lines
+    finally:
+        reader.close()
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Print what each slide holds. A slide that cannot be opened or read gets one line naming it
+    and the reason, the others are still reported, and the exit code is then 1."""
+    from bigsmall_torch.errors import SlideError
 
     failed = 0
     for path in args.slides:
         try:
-            reader = bst.open_slide(path, backend=args.backend)
-        except bst.BigSmallError as exc:
-            print(f"{path}: error: {exc}")
+            lines = _describe(path, args)
+        except Exception as exc:  # one bad file must not hide the report on the others
+            logger.debug("inspecting %s failed", path, exc_info=True)
+            reason = exc.reason if isinstance(exc, SlideError) else f"{type(exc).__name__}: {exc}"
+            print(f"{path}: error: {reason}", flush=True)
             failed += 1
             continue
-        try:
-            info = reader.info
-            print(f"{info.path}")
-            print(f"  backend:   {info.backend}")
-            print(f"  vendor:    {info.vendor or '-'}")
-            print(f"  mpp:       {info.mpp if info.mpp is not None else '-'}")
-            print(f"  objective: {info.objective_power if info.objective_power is not None else '-'}")
-            tile = f"{info.tile_size[0]}x{info.tile_size[1]}" if info.tile_size else "-"
-            print(f"  tile size: {tile}")
-            for level, ((w, h), ds) in enumerate(zip(info.level_dimensions, info.level_downsamples, strict=True)):
-                print(f"  level {level}:   {w} x {h} (downsample {ds:g})")
-            if not args.no_tissue:
-                try:
-                    print(f"  tissue:    {bst.tissue_mask(reader).fraction:.1%}")
-                except bst.MissingDependencyError as exc:
-                    print(f"  tissue:    - ({exc})")
-        finally:
-            reader.close()
+        print("\n".join(lines), flush=True)
     return 1 if failed else 0
 
 
-BENCHMARKS = {"core": "bench_core", "read": "bench_read", "memory": "bench_memory", "sliding": "bench_sliding"}
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    """Run a benchmark script of the source checkout's ``benchmarks/`` folder with the given options."""
-    import importlib
-    import sys
-
-    candidates = [Path.cwd(), Path(__file__).resolve().parents[2]]
-    root = next((c for c in candidates if (c / "benchmarks" / "_common.py").exists()), None)
-    if root is None:
-        print("bigsmall-torch bench: the benchmarks live in the benchmarks/ folder of a source checkout; "
-              "run this from the repository root (pip install -e '.[bench]')")
-        return 2
-    sys.path.insert(0, str(root))
-    module = importlib.import_module(f"benchmarks.{BENCHMARKS[args.which]}")
-    options = list(args.options)
-    if args.profile:
-        options.append("--profile")
-    return int(module.main(options) or 0)
+BENCH_HELP = """\
+bigsmall-torch: the benchmarks are not part of the installed package, so there is no `bench` command.
+Run them from the root of a source checkout (git clone the repository, then pip install -e '.[bench]'):
+    python -m benchmarks                          # lists the benchmarks
+    python -m benchmarks.bench_core --quick       # core throughput, about a minute
+    python -m benchmarks.bench_core --profile     # per-stage time breakdown (bench_core only)
+    python -m benchmarks.bench_gpu_feed --help    # each benchmark lists the options it accepts
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,39 +201,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="synthesise slides and stream patches from them")
-    demo.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="where slides are cached")
+    demo.add_argument(
+        "--cache-dir", type=Path, default=default_cache_dir(), help="where slides are cached"
+    )
     demo.add_argument("--slides", type=_positive, default=4, help="number of synthetic slides")
-    demo.add_argument("--slide-size", type=_positive, default=8192, help="slide width and height (px)")
+    demo.add_argument(
+        "--slide-size", type=_positive, default=8192, help="slide width and height (px)"
+    )
     demo.add_argument("--chunk-size", type=_positive, default=2048, help="big chunk size (px)")
     demo.add_argument("--patch-size", type=_positive, default=224, help="small chunk size (px)")
-    demo.add_argument("--buffer-size", type=_positive, default=4, help="resident big chunks per worker")
+    demo.add_argument(
+        "--buffer-size", type=_positive, default=4, help="resident big chunks per worker"
+    )
     demo.add_argument("--smallchunks-per-bigchunk", type=_positive, default=256)
     demo.add_argument("--batch-size", type=_positive, default=64)
     demo.add_argument("--batches", type=_positive, default=200, help="batches to stream")
     demo.add_argument("--workers", type=_non_negative, default=2, help="DataLoader workers")
     demo.add_argument("--seed", type=_non_negative, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.add_argument("--no-inference", action="store_true", help="skip the sliding-window inference")
+    demo.add_argument(
+        "--no-inference", action="store_true", help="skip the sliding-window inference"
+    )
     demo.set_defaults(run=run_demo)
-    inspect = commands.add_parser("inspect", help="print levels, mpp, vendor, tile size, tissue of slides")
+    inspect = commands.add_parser(
+        "inspect", help="print levels, mpp, vendor, tile size, tissue of slides"
+    )
     inspect.add_argument("slides", nargs="+", type=Path, help="slide files")
     inspect.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide"])
     inspect.add_argument("--no-tissue", action="store_true", help="skip the tissue fraction")
     inspect.set_defaults(run=run_inspect)
-    bench = commands.add_parser(
-        "bench", help="run a benchmark of benchmarks/ and print its table (from a source checkout)"
-    )
-    bench.add_argument("which", nargs="?", default="core", choices=sorted(BENCHMARKS))
-    bench.add_argument("--profile", action="store_true", help="break one worker's time down (core)")
-    bench.add_argument("options", nargs=argparse.REMAINDER, help="options passed to the benchmark, e.g. --quick")
-    bench.set_defaults(run=run_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if next((a for a in argv if not a.startswith("-")), None) == "bench":
+        sys.stderr.write(BENCH_HELP)  # the command of earlier versions: say where it went
+        return 2
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     return int(args.run(args))
 
 

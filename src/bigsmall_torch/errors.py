@@ -62,29 +62,56 @@ class StitcherClosedError(BigSmallError, RuntimeError):
 class MissingWindowsError(BigSmallError, RuntimeError):
     """``strict=True``: some windows never arrived. ``missing`` maps patient id -> ``(n, 2)`` rows/cols."""
 
-    def __init__(self, missing: dict[Any, Any]) -> None:
+    def __init__(self, missing: dict[Any, Any] | str) -> None:
+        if isinstance(missing, str):  # a whole message (rebuilt from a worker's re-raise)
+            self.missing: dict[Any, Any] = {}
+            super().__init__(missing)
+            return
         self.missing = missing
         parts = [f"{pid!r}: {len(cells)}" for pid, cells in missing.items()]
         super().__init__(f"windows never received, per patient: {', '.join(parts)}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.missing,))
+
 
 class SlideError(BigSmallError):
-    """Base class of errors about one slide file; ``path`` names the file."""
+    """Base class of errors about one slide file; ``path`` names the file.
 
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = Path(path)
+    Raised in a DataLoader worker, it arrives in the main process with its type: torch's re-raise
+    builds it from one message (``SlideError(message)``, then ``path`` is None and ``reason`` the
+    whole message), and pickling keeps ``path`` and ``reason``.
+    """
+
+    def __init__(self, path: str | Path | None, reason: str | None = None) -> None:
+        if reason is None:  # one argument: a whole message (torch's worker re-raise)
+            self.path: Path | None = None
+            self.reason = str(path)
+            super().__init__(self.reason)
+            return
+        self.path = None if path is None else Path(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.path, self.reason, self.__dict__.copy()))
+
+
+def _rebuild(cls: type[SlideError], path: Path | None, reason: str, state: dict[str, Any]) -> SlideError:
+    error = cls.__new__(cls)
+    BigSmallError.__init__(error, reason if path is None else f"{path}: {reason}")
+    error.__dict__.update(state)
+    return error
 
 
 class SlideOpenError(SlideError, OSError):
     """A slide file cannot be opened by any backend tried."""
 
     def __init__(
-        self, path: str | Path, reason: str, *, backends: Sequence[str] = ()
+        self, path: str | Path | None, reason: str | None = None, *, backends: Sequence[str] = ()
     ) -> None:
         self.backends = tuple(backends)
-        if self.backends:
+        if self.backends and reason is not None:
             reason = f"{reason} (backends tried: {', '.join(self.backends)})"
         super().__init__(path, reason)
 

@@ -11,27 +11,25 @@ not once per window.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import logging
 import math
-import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
 
-from ._batch_ring import apply_transform
-from ._batching import BatchBuilder, batch_count
-from ._sharding import current_topology, distributed_rank_and_world, split_evenly
-from ._validate import choice, optional_callable, positive_int, size_pair
+from ._batching import batch_count
+from ._sharding import split_evenly
+from ._streaming import Live, StreamingDataset
+from ._validate import choice, positive_int, size_pair
 from .chunks import SmallChunk, channel_planar
 from .data import Dataset, Patient
-from .dataset import _STATE_VERSION, _loader_workers, check_resume_topology, to_sample
-from .errors import ConfigError, SlideError
+from .errors import ConfigError, SlideError, SlideOpenError
 from .reservoir import OnError
 from .resolution import DEFAULT_TOLERANCE, LevelChoice, Resolution, extent, read_at
 from .slide import Backend, SlideCache
@@ -53,6 +51,13 @@ class Edge(str, Enum):
     DROP = "drop"
     SHIFT = "shift"
     PAD = "pad"
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (an int, float or numpy scalar), not a bool or a string."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
 
 
 def _positions(length: int, patch: int, stride: int, edge: Edge) -> np.ndarray:
@@ -127,13 +132,29 @@ class Grid:
         }
 
 
+def _halves(cells: np.ndarray, lo: int, hi: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``[lo, hi)`` (``hi - lo >= 2``) cut in two, in order: at the row boundary of ``cells`` (row-major
+    ``(row, col)`` pairs) nearest the middle, or in the middle of a single row."""
+    mid = lo + (hi - lo) // 2
+    bounds = np.flatnonzero(np.diff(cells[lo:hi, 0])) + lo + 1
+    if len(bounds):
+        mid = int(bounds[np.argmin(np.abs(bounds - mid))])
+    return (lo, mid), (mid, hi)
+
+
 @dataclass(frozen=True)
 class _Block:
     slide: int
     cells: np.ndarray  # (n, 2) row, col of the emitted windows, row-major
 
 
-class SlidingWindowDataset(IterableDataset[Any]):
+@dataclass(frozen=True)
+class _Range:
+    first: int  # the worker's range starts here (global window order)
+    resumed_skips: int  # windows skipped before the state this iteration resumed from
+
+
+class SlidingWindowDataset(StreamingDataset):
     """Every window of every slide, exactly once across DataLoader workers and distributed ranks.
 
     Args:
@@ -147,14 +168,20 @@ class SlidingWindowDataset(IterableDataset[Any]):
         batch_size: batched mode, as in :class:`~bigsmall_torch.BigSmallDataset` (``len()`` counts
             batches; only the rank's last batch is partial).
         transform: applied in the worker to each ``image`` (batched mode: to the batch tensor).
-        on_error: ``"raise"`` (default) or ``"skip"``: a block that fails to read is logged with the
-            windows it would have produced (patient, rows and columns), and they are not emitted.
+        on_error: ``"raise"`` (default) or ``"skip"``: a block that fails to read is re-read in
+            smaller pieces, down to single windows, so that only the windows whose pixels touch the
+            unreadable region are lost; they are logged (patient, rows and columns), not emitted,
+            and listed as ``(patient_id, row, col)`` in :attr:`last_skipped` (this iteration's, in
+            the process that iterates: a DataLoader worker's own copy when ``num_workers > 0``;
+            :meth:`state_dict` counts them as ``skipped``).
         backend, max_open_slides, decode_threads: slide reading, as in
             :class:`~bigsmall_torch.BigSmallDataset`.
         rank, world_size: the distributed position (default: torch.distributed, else 0 and 1).
 
     Samples carry ``image``, ``patient_id``, level-0 ``x``/``y``, ``level``, ``mpp``, ``row`` and ``col``.
     """
+
+    kind: ClassVar[str] = "SlidingWindowDataset"
 
     def __init__(
         self,
@@ -183,36 +210,59 @@ class SlidingWindowDataset(IterableDataset[Any]):
     ) -> None:
         super().__init__()
         if not isinstance(dataset, Dataset) or len(dataset) == 0:
-            raise ConfigError(f"dataset must be a non-empty bigsmall_torch.Dataset, got {dataset!r}")
+            raise ConfigError(
+                f"dataset must be a non-empty bigsmall_torch.Dataset, got {dataset!r}"
+            )
         self.dataset = dataset
         self.patch_size = size_pair("SlidingWindowDataset: patch_size", patch_size)
-        self.stride = self.patch_size if stride is None else size_pair("SlidingWindowDataset: stride", stride)
+        self.stride = (
+            self.patch_size if stride is None else size_pair("SlidingWindowDataset: stride", stride)
+        )
+        if not _is_number(tolerance) or not 0 <= tolerance < 1:
+            raise ConfigError(
+                f"SlidingWindowDataset: tolerance must be a number in [0, 1), got {tolerance!r}"
+            )
         self.resolution = Resolution.from_args(
-            "SlidingWindowDataset", level=level, mpp=mpp, magnification=magnification, tolerance=tolerance
+            "SlidingWindowDataset",
+            level=level,
+            mpp=mpp,
+            magnification=magnification,
+            tolerance=float(tolerance),
         )
         self.edge = choice("edge", edge, Edge)
-        if not 0 <= min_tissue <= 1:
-            raise ConfigError(f"min_tissue must be in [0, 1], got {min_tissue!r}")
+        if not isinstance(tissue_only, (bool, np.bool_)):
+            raise ConfigError(
+                f"SlidingWindowDataset: tissue_only must be True or False, got {tissue_only!r}"
+            )
+        if not _is_number(min_tissue) or not 0 <= min_tissue <= 1:
+            raise ConfigError(
+                f"SlidingWindowDataset: min_tissue must be a number in [0, 1], got {min_tissue!r}"
+            )
         self.tissue_only, self.min_tissue = bool(tissue_only), float(min_tissue)
+        if tissue_detector is not None and not isinstance(tissue_detector, TissueDetector):
+            raise ConfigError(
+                f"SlidingWindowDataset: tissue_detector must be a TissueDetector or None, got {tissue_detector!r}"
+            )
         self.tissue_detector = tissue_detector or TissueDetector()
         if self.tissue_only:
             _skimage()
+        if not isinstance(record_key, str):
+            raise ConfigError(f"SlidingWindowDataset: record_key must be a str, got {record_key!r}")
         self.record_key = record_key
         self.block_size = positive_int("block_size", block_size)
-        self.batch_size = None if batch_size is None else positive_int("batch_size", batch_size)
-        self.transform = optional_callable("transform", transform)
-        self.on_error = choice("on_error", on_error, OnError)
-        self.slides = SlideCache(
-            positive_int("max_open_slides", max_open_slides), backend=backend, decode_threads=decode_threads
-        )
-        self._explicit_topology = (rank, world_size)
-        self.rank, self.world_size = distributed_rank_and_world(rank, world_size)
+        self._setup_stream(
+            batch_size=batch_size, transform=transform, on_error=on_error, backend=backend,
+            max_open_slides=max_open_slides, decode_threads=decode_threads, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
         self.grids = self._make_grids()
         self._blocks = [b for i, g in enumerate(self.grids) for b in self._slide_blocks(i, g)]
         sizes = np.array([len(b.cells) for b in self._blocks], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
-        self._live: dict[str, Any] | None = None  # the running iteration's state (see state_dict)
-        self._pending: dict[str, Any] | None = None  # a loaded state the next __iter__ resumes
+        #: ``(patient_id, row, col)`` of the windows ``on_error="skip"`` lost in this process's
+        #: latest iteration (a DataLoader worker's own copy when ``num_workers > 0``).
+        self.last_skipped: list[tuple[Any, int, int]] = []
+        self._skipped_at: list[int] = []  # their indices in the global order, ascending
 
     # -- the grid --------------------------------------------------------------------------------
 
@@ -237,7 +287,10 @@ class SlidingWindowDataset(IterableDataset[Any]):
                     ds = choice.downsample
                     for r, y in enumerate(ys):
                         for c, x in enumerate(xs):
-                            include[r, c] = mask.fraction_in(x * ds, y * ds, pw * ds, ph * ds) >= self.min_tissue
+                            include[r, c] = (
+                                mask.fraction_in(x * ds, y * ds, pw * ds, ph * ds)
+                                >= self.min_tissue
+                            )
                 grids.append(Grid(patient.id, str(reader.info.path), choice, (pw, ph), (sx, sy),
                                   (width, height), xs, ys, include))  # fmt: skip
         finally:
@@ -271,17 +324,15 @@ class SlidingWindowDataset(IterableDataset[Any]):
 
     # -- splitting the work ----------------------------------------------------------------------
 
-    def _refresh_topology(self) -> None:
-        if torch.utils.data.get_worker_info() is None:
-            self.rank, self.world_size = distributed_rank_and_world(*self._explicit_topology)
-
     def rank_range(self, rank: int, world_size: int) -> tuple[int, int]:
         """The windows ``[start, stop)`` (in the global order) of ``rank``."""
         total = self.total_windows
         start = sum(split_evenly(total, world_size, r) for r in range(rank))
         return start, start + split_evenly(total, world_size, rank)
 
-    def worker_range(self, rank: int, world_size: int, worker: int, num_workers: int) -> tuple[int, int]:
+    def worker_range(
+        self, rank: int, world_size: int, worker: int, num_workers: int
+    ) -> tuple[int, int]:
         """The windows ``[start, stop)`` of one worker of one rank (whole batches in batched mode)."""
         start, stop = self.rank_range(rank, world_size)
         unit = self.batch_size or 1
@@ -294,7 +345,9 @@ class SlidingWindowDataset(IterableDataset[Any]):
         """Windows (batched mode: batches) of this rank."""
         self._refresh_topology()
         start, stop = self.rank_range(self.rank, self.world_size)
-        return stop - start if self.batch_size is None else batch_count(stop - start, self.batch_size)
+        return (
+            stop - start if self.batch_size is None else batch_count(stop - start, self.batch_size)
+        )
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -313,125 +366,146 @@ class SlidingWindowDataset(IterableDataset[Any]):
             data = padded
         return channel_planar(data), x0, y0
 
-    def _windows(self, start: int, stop: int) -> Iterator[SmallChunk]:
-        """The windows ``[start, stop)``, reading each block once, the next one in the background."""
+    def _windows(self, start: int, stop: int) -> Iterator[tuple[int, SmallChunk]]:
+        """The windows ``[start, stop)`` with their index in the global order, reading each block once
+        (the next one in the background) and skipping what cannot be read when ``on_error`` says so."""
         first = int(np.searchsorted(self._offsets, start, side="right")) - 1
-        work = []
+        work = []  # (block, cells to emit, global index of the first of them)
         for index in range(max(first, 0), len(self._blocks)):
             lo, hi = int(self._offsets[index]), int(self._offsets[index + 1])
             if lo >= stop:
                 break
-            block = self._blocks[index]
-            work.append((block, block.cells[max(start, lo) - lo : min(stop, hi) - lo]))
+            block, begin = self._blocks[index], max(start, lo)
+            work.append((block, block.cells[begin - lo : min(stop, hi) - lo], begin))
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bigsmall-window") as pool:
-            future = pool.submit(self._read_block, *work[0]) if work else None
-            for i, (block, cells) in enumerate(work):
+            future = pool.submit(self._read_block, *work[0][:2]) if work else None
+            for i, (block, cells, base) in enumerate(work):
                 assert future is not None
                 try:
-                    data, x0, y0 = future.result()
+                    pieces = [(0, cells, future.result())]
                 except SlideError as exc:
                     if self.on_error is OnError.RAISE:
                         raise
-                    data = None
-                    self._report_skip(block, cells, exc)
-                future = pool.submit(self._read_block, *work[i + 1]) if i + 1 < len(work) else None
-                if data is not None:
-                    yield from self._crop(block, cells, data, x0, y0)
+                    # the pool is idle while salvaging: one thread reads the slide at a time
+                    pieces = self._salvage(block, cells, base, exc)
+                future = (
+                    pool.submit(self._read_block, *work[i + 1][:2]) if i + 1 < len(work) else None
+                )
+                for offset, part, (data, x0, y0) in pieces:
+                    for k, small in enumerate(self._crop(block, part, data, x0, y0)):
+                        yield base + offset + k, small
 
-    def _report_skip(self, block: _Block, cells: np.ndarray, exc: SlideError) -> None:
+    def _salvage(
+        self, block: _Block, cells: np.ndarray, base: int, exc: SlideError
+    ) -> list[tuple[int, np.ndarray, tuple[np.ndarray, int, int]]]:
+        """Re-read ``cells`` (whose read raised ``exc``) in halves, recursively down to single windows,
+        so that only the windows whose pixels touch the unreadable region are lost.
+
+        Returns the pieces read, in order, as ``(offset in cells, their cells, _read_block's result)``;
+        the lost windows are logged and added to :attr:`SlidingWindowDataset.last_skipped`.
+        """
+        pieces: list[tuple[int, np.ndarray, tuple[np.ndarray, int, int]]] = []
+        lost: list[int] = []  # offsets into cells
+        errors = [exc]
+
+        def split(lo: int, hi: int) -> None:  # cells[lo:hi] failed to read
+            if hi - lo == 1 or isinstance(errors[-1], SlideOpenError):  # no smaller piece helps
+                lost.extend(range(lo, hi))
+                return
+            for a, b in _halves(cells, lo, hi):
+                try:
+                    pieces.append((a, cells[a:b], self._read_block(block, cells[a:b])))
+                except SlideError as err:
+                    errors.append(err)
+                    split(a, b)
+
+        split(0, len(cells))
+        grid, gone = self.grids[block.slide], cells[lost]
+        self.last_skipped += [(grid.patient_id, int(r), int(c)) for r, c in gone]
+        self._skipped_at += [base + i for i in lost]
+        if lost:
+            self._report_skip(block, len(cells), gone, errors[-1])
+        else:  # the failure did not repeat
+            logger.info("re-read %d windows in pieces after: %s", len(cells), exc)
+        return pieces
+
+    def _report_skip(self, block: _Block, tried: int, cells: np.ndarray, exc: SlideError) -> None:
         grid = self.grids[block.slide]
         logger.warning(
-            "skipping %d windows of patient %r (rows %d-%d, cols %d-%d): %s",
-            len(cells), grid.patient_id, cells[:, 0].min(), cells[:, 0].max(),
-            cells[:, 1].min(), cells[:, 1].max(), exc,
+            "skipping %d windows of patient %r (rows %d-%d, cols %d-%d; the other %d windows of the "
+            "block were read): %s",
+            len(cells),
+            grid.patient_id,
+            cells[:, 0].min(),
+            cells[:, 0].max(),
+            cells[:, 1].min(),
+            cells[:, 1].max(),
+            tried - len(cells),
+            exc,
         )
 
-    def _crop(self, block: _Block, cells: np.ndarray, data: np.ndarray, x0: int, y0: int) -> Iterator[SmallChunk]:
+    def _crop(
+        self, block: _Block, cells: np.ndarray, data: np.ndarray, x0: int, y0: int
+    ) -> Iterator[SmallChunk]:
         grid = self.grids[block.slide]
         patient: Patient = self.dataset.patients[block.slide]
         pw, ph = grid.patch_size
         mpp = grid.choice.mpp
-        block_info = {"x": round(x0 * grid.choice.downsample), "y": round(y0 * grid.choice.downsample)}
+        block_info = {
+            "x": round(x0 * grid.choice.downsample),
+            "y": round(y0 * grid.choice.downsample),
+        }
         for row, col in cells:
             cx, cy = int(grid.xs[col]) - x0, int(grid.ys[row]) - y0
             lx, ly = grid.level0(int(row), int(col))
-            info = {"x": lx, "y": ly, "level": grid.choice.level, "mpp": mpp, "row": int(row), "col": int(col)}
+            info = {
+                "x": lx,
+                "y": ly,
+                "level": grid.choice.level,
+                "mpp": mpp,
+                "row": int(row),
+                "col": int(col),
+            }
             yield SmallChunk(data[cy : cy + ph, cx : cx + pw], info, block_info, patient)
 
-    # -- checkpointing (torchdata's StatefulDataLoader) --------------------------------------------
+    # -- the stream (the core does state, output and topology) ---------------------------------
 
-    def _topology_state(self) -> dict[str, Any]:
-        topo = current_topology(self.rank, self.world_size)
-        return {
-            "version": _STATE_VERSION, "rank": topo.rank, "world_size": topo.world_size,
-            "num_workers": _loader_workers(), "worker": topo.worker, "batch_size": self.batch_size,
-            "total_windows": self.total_windows,
-        }
+    def _identity(self) -> dict[str, Any]:
+        return {"total_windows": self.total_windows}
 
-    def state_dict(self) -> dict[str, Any]:
-        """How many windows this worker has yielded, for ``torchdata``'s ``StatefulDataLoader``.
-
-        Resuming (``StatefulDataLoader.load_state_dict``, which calls :meth:`load_state_dict` in each
-        worker) starts each worker's range that many windows later: no window is repeated or lost.
-        """
-        live = self._live
-        if live is not None and live["pid"] == os.getpid():
-            return {k: v for k, v in live.items() if k != "pid"}
-        if self._pending is not None:
-            return self._pending
-        return dict(self._topology_state(), windows=0)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict` at the next iteration.
-
-        The DataLoader must have the same ``num_workers`` (and the dataset the same ``batch_size``,
-        rank, world size and windows) as when the state was saved: a different ``num_workers`` raises
-        :class:`~bigsmall_torch.ConfigError` naming both values when the iteration starts
-        (``StatefulDataLoader`` itself refuses a state saved with another number of workers with an
-        ``AssertionError`` before the dataset sees it).
-        """
-        if not isinstance(state, Mapping) or "windows" not in state:
-            raise ConfigError(f"load_state_dict: not a SlidingWindowDataset state: {type(state).__name__}")
-        self._pending = dict(state)
-        self._live = None
+    def _extra_state(self, live: Live | None) -> dict[str, Any]:
+        """``skipped``: the windows of the worker's range that ``on_error="skip"`` lost before
+        ``position`` (``position`` counts them: resuming never repeats nor loses a window)."""
+        if live is None or not isinstance(live.extra, _Range):
+            return {"skipped": 0}
+        span = live.extra
+        return {"skipped": span.resumed_skips + bisect.bisect_left(self._skipped_at, span.first + live.position)}
 
     def __iter__(self) -> Iterator[Any]:
-        self._refresh_topology()
-        topo = current_topology(self.rank, self.world_size)
-        start, stop = self.worker_range(topo.rank, topo.world_size, topo.worker, topo.num_workers)
-        live = dict(self._topology_state(), windows=0, pid=os.getpid())
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            check_resume_topology("SlidingWindowDataset", pending, self._topology_state())
-            live["windows"] = int(pending["windows"])
-            start = min(start + live["windows"], stop)
-        self._live = live
+        topo, live, pending = self._begin()
+        first, stop = self.worker_range(topo.rank, topo.world_size, topo.worker, topo.num_workers)
+        live.extra = _Range(first, 0 if pending is None else int(pending.get("skipped", 0)))
+        self.last_skipped, self._skipped_at = [], []
+        start = min(first + live.position, stop)
+        self.slides.acquire()
         try:
-            if self.batch_size is None:
-                for small in self._windows(start, stop):
-                    sample = to_sample(small)
-                    if self.transform is not None:
-                        sample["image"] = self.transform(sample["image"])
-                    live["windows"] += 1
-                    yield sample
-            else:
-                builder = BatchBuilder(self.batch_size)
-                for small in self._windows(start, stop):
-                    builder.add(small)
-                    if len(builder) == self.batch_size:
-                        live["windows"] += len(builder)
-                        yield self._finish(builder)
-                if len(builder):
-                    live["windows"] += len(builder)
-                    yield self._finish(builder)
+            yield from self._output(self._positioned(start, stop, first, live), live, None)
+            live.position = live.cursor = stop - first  # trailing skipped windows included
+            live.finished = True
         finally:
-            self.slides.close()
+            self.slides.release()
 
-    def _finish(self, builder: BatchBuilder) -> dict[str, Any]:
-        batch = builder.build()
-        if self.transform is not None:
-            apply_transform(batch, self.transform)
-        return batch
+    def _positioned(self, start: int, stop: int, first: int, live: Live) -> Iterator[SmallChunk]:
+        """The windows ``[start, stop)``, moving ``live.cursor`` (the worker's position: windows
+        yielded or skipped) past each; skips go into the core's report too."""
+        reported = 0
+        for index, small in self._windows(start, stop):
+            live.cursor = index + 1 - first
+            while reported < len(self.last_skipped):
+                pid, row, col = self.last_skipped[reported]
+                live.skipped.append((f"patient {pid!r} window (row {row}, col {col})", "unreadable"))
+                reported += 1
+            yield small
 
     def __repr__(self) -> str:
         return (
