@@ -5,7 +5,7 @@ regions (each region is read by every method in turn, so background load hits al
 
 * ``raw decode``: the region's compressed tiles, already in memory, decoded one after another with
   ``imagecodecs.jpeg8_decode`` in a plain loop: the single-thread limit of this CPU;
-* ``fast path``: :class:`bigsmall_torch._tiles.TileDecoder` (pread + decode + copy into one array)
+* ``fast path``: :class:`bigsmall_torch.io._tiles.TileDecoder` (pread + decode + copy into one array)
   with 1 and 2 threads (and ``--threads`` more);
 * ``tiffslide`` ``read_region(..., as_array=True)`` and ``openslide`` ``read_region`` (RGBA image
   converted to an RGB array, as bigsmall_torch's reader does).
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bigsmall_torch._tiles import TileDecoder
+from bigsmall_torch.io._tiles import TileDecoder
 
 try:
     from ._common import REPO_ROOT, make_parser, markdown_table, prepare_slides

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import bigsmall_torch as bst
-from bigsmall_torch import _batch_ring
-from bigsmall_torch._batching import batched_quota
+from bigsmall_torch._engine import batch_ring as _batch_ring
+from bigsmall_torch._engine.batching import batched_quota
 from bigsmall_torch.chunks import BigChunk, ChunkContext, SmallChunk
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import bigsmall_torch as bst
-from bigsmall_torch._tiles import check_jpeg, check_page_tiles
 from bigsmall_torch.errors import SlideReadError
-from bigsmall_torch.slide import open_slide
+from bigsmall_torch.io._tiles import check_jpeg, check_page_tiles
+from bigsmall_torch.io.slide import open_slide
 
 tifffile = pytest.importorskip("tifffile")
 openslide = pytest.importorskip("openslide")

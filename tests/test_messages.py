@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import bigsmall_torch as bst
+from bigsmall_torch._engine.messages import MessageBoard, _start_time
 from bigsmall_torch.chunks import BigChunk, ChunkContext, SmallChunk
-from bigsmall_torch.messages import MessageBoard, _start_time
 from bigsmall_torch.synthetic import synthesize_slides
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import bigsmall_torch as bst
-from bigsmall_torch.resolution import Resolution, resample
+from bigsmall_torch.io.resolution import Resolution, resample
 from bigsmall_torch.synthetic import write_synthetic_slide
 
 

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from bigsmall_torch._sharding import assign_shards, derive_rng, split_evenly
+from bigsmall_torch._engine.sharding import assign_shards, derive_rng, split_evenly
 
 
 @pytest.mark.parametrize(("patients", "shards"), [(10, 1), (10, 3), (8, 4), (5, 5), (100, 7)])

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import bigsmall_torch as bst
-from bigsmall_torch.sliding import Edge, _halves, _positions
+from bigsmall_torch.inference.sliding import Edge, _halves, _positions
 
 
 def dataset(folder: Path, n: int | None = None) -> bst.Dataset:

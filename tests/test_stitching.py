@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import bigsmall_torch as bst
-from bigsmall_torch.stitching import (
+from bigsmall_torch.inference.stitching import (
     MissingWindowsError,
     Stitcher,
     StitcherClosedError,
@@ -211,7 +211,7 @@ def test_missing_windows_are_reported(
     for batch in rest:
         if batch["patient_id"][0] == "slide 0":
             stitcher.add(channel_means(batch["image"]), batch)
-    with caplog.at_level(logging.WARNING, logger="bigsmall_torch.stitching"):
+    with caplog.at_level(logging.WARNING, logger="bigsmall_torch.inference.stitching"):
         results = stitcher.finish()
     skipped = sorted(zip(first["row"].tolist(), first["col"].tolist(), strict=True))
     result = results["slide 0"]

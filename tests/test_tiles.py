@@ -1,4 +1,4 @@
-"""The tile-direct fast path (:mod:`bigsmall_torch._tiles`) gives tiffslide's and openslide's pixels."""
+"""The tile-direct fast path (:mod:`bigsmall_torch.io._tiles`) gives tiffslide's and openslide's pixels."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bigsmall_torch._tiles import TileDecoder
 from bigsmall_torch.errors import ConfigError, SlideReadError
+from bigsmall_torch.io._tiles import TileDecoder
 from bigsmall_torch.synthetic import write_synthetic_slide
 
 tifffile = pytest.importorskip("tifffile")

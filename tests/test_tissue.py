@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 import bigsmall_torch as bst
+from bigsmall_torch.io.tissue import TissueDetector, render_tissue, tissue_mask
 from bigsmall_torch.synthetic import SyntheticSlideInfo, write_synthetic_slide
-from bigsmall_torch.tissue import TissueDetector, render_tissue, tissue_mask
 
 
 @pytest.fixture(scope="module")

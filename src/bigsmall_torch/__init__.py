@@ -7,6 +7,7 @@ background.
 
 from __future__ import annotations
 
+from ._engine.reservoir import OnError
 from ._version import __version__
 from .chunks import BigChunk, BigChunkLoader, ChunkContext, SmallChunk, SmallChunkCollector
 from .collectors import RandomCropCollector
@@ -26,9 +27,12 @@ from .errors import (
     StitchError,
     StreamError,
 )
+from .inference.sliding import Edge, Grid, SlidingWindowDataset
+from .inference.stitching import Stitcher, StitchMode, StitchResult
+from .io.resolution import LevelChoice, Resolution
+from .io.slide import Backend, SlideCache, SlideInfo, SlideReader, open_slide, slide_info
+from .io.tissue import TissueDetector, TissueMask, render_tissue, tissue_mask
 from .loaders import RandomRegionLoader
-from .reservoir import OnError
-from .resolution import LevelChoice, Resolution
 from .schedulers import (
     Candidate,
     LabelBalancedScheduler,
@@ -36,10 +40,6 @@ from .schedulers import (
     Scheduler,
     WeightedScheduler,
 )
-from .slide import Backend, SlideCache, SlideInfo, SlideReader, open_slide, slide_info
-from .sliding import Edge, Grid, SlidingWindowDataset
-from .stitching import Stitcher, StitchMode, StitchResult
-from .tissue import TissueDetector, TissueMask, render_tissue, tissue_mask
 from .visualize import ChunkInfoCollector, SampledPatches, SamplingRecorder, render_sampling
 
 __all__ = [

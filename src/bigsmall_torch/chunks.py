@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from ._engine.messages import MessageBoard
 from .data import Patient
 from .errors import ExtractorError
-from .messages import MessageBoard
-from .slide import SlideCache, SlideReader
+from .io.slide import SlideCache, SlideReader
 
 __all__ = [
     "BigChunk",

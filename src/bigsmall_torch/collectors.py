@@ -7,7 +7,7 @@ import math
 from ._validate import positive_int, size_pair
 from .chunks import BigChunk, ChunkContext, SmallChunk, SmallChunkCollector
 from .errors import ConfigError
-from .tissue import TissueDetector, _skimage, tissue_mask
+from .io.tissue import TissueDetector, _skimage, tissue_mask
 
 __all__ = ["RandomCropCollector"]
 

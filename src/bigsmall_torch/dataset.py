@@ -11,28 +11,28 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._batching import batch_count, batched_quota
-from ._sharding import Topology, assign_shards, split_evenly
-from ._streaming import (
+from ._engine.batching import batch_count, batched_quota
+from ._engine.messages import MessageBoard
+from ._engine.reservoir import OnError, Reservoir, ReservoirStats
+from ._engine.sharding import Topology, assign_shards, split_evenly
+from ._engine.streaming import (
     STATE_VERSION as _STATE_VERSION,
 )
-from ._streaming import (
+from ._engine.streaming import (
     Live,
     StreamingDataset,
     check_resume_topology,
     to_sample,
 )
-from ._streaming import (
+from ._engine.streaming import (
     loader_workers as _loader_workers,
 )
 from ._validate import positive_int
 from .chunks import BigChunkLoader, SmallChunkCollector
 from .data import Dataset
 from .errors import ConfigError
-from .messages import MessageBoard
-from .reservoir import OnError, Reservoir, ReservoirStats
+from .io.slide import Backend, SlideCache
 from .schedulers import LabelBalancedScheduler, LeastVisitedScheduler, Scheduler
-from .slide import Backend, SlideCache
 
 __all__ = ["BigSmallDataset", "available_memory", "check_resume_topology", "to_sample"]
 
@@ -87,7 +87,7 @@ class BigSmallDataset(StreamingDataset):
             :class:`~bigsmall_torch.WeightedScheduler`, or a subclass of :class:`~bigsmall_torch.Scheduler`).
         batch_size: batched mode: yield whole batches built in the worker (use
             ``DataLoader(ds, batch_size=None)``): ``image`` is one ``[n, C, H, W]`` uint8 tensor written
-            into a reusable shared-memory slot of the worker (see :mod:`bigsmall_torch._batch_ring`;
+            into a reusable shared-memory slot of the worker (see :mod:`bigsmall_torch._engine.batch_ring`;
             the slot is handed back when the main process frees the batch), metadata are collated
             tensors/lists, ``transform`` gets the whole batch tensor, and ``len()`` counts batches.
             Same samples as per-sample mode for the same seed (when each worker's share is a whole
@@ -271,7 +271,7 @@ class BigSmallDataset(StreamingDataset):
         """Samples the shard ``topo`` yields this epoch (None: endless).
 
         Per-sample mode splits the rank's samples evenly over its workers; batched mode deals them
-        in whole batches (:func:`~bigsmall_torch._batching.batched_quota`), so that ``len()`` counts
+        in whole batches (:func:`~bigsmall_torch._engine.batching.batched_quota`), so that ``len()`` counts
         batches exactly. Both give the same split when every worker's share is a whole number of
         batches.
         """
@@ -323,7 +323,7 @@ class BigSmallDataset(StreamingDataset):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict` at the next iteration; also selects the saved epoch
-        (see :meth:`~bigsmall_torch._streaming.StreamingDataset.load_state_dict`)."""
+        (see :meth:`~bigsmall_torch._engine.streaming.StreamingDataset.load_state_dict`)."""
         super().load_state_dict(state)
         self._epoch[0] = int(state["epoch"])
 

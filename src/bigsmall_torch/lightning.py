@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .dataset import BigSmallDataset
 from .errors import ConfigError, MissingDependencyError
-from .sliding import SlidingWindowDataset
+from .inference.sliding import SlidingWindowDataset
 
 try:
     import lightning.pytorch as pl

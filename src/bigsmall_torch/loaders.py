@@ -8,9 +8,9 @@ from ._validate import size_pair
 from .chunks import BigChunk, BigChunkLoader, ChunkContext, channel_planar
 from .data import Patient
 from .errors import ConfigError
-from .resolution import DEFAULT_TOLERANCE, LevelChoice, Resolution, extent, read_at
-from .slide import SlideCache, SlideInfo, SlideReader
-from .tissue import TissueDetector, _skimage, tissue_mask
+from .io.resolution import DEFAULT_TOLERANCE, LevelChoice, Resolution, extent, read_at
+from .io.slide import SlideCache, SlideInfo, SlideReader
+from .io.tissue import TissueDetector, _skimage, tissue_mask
 
 __all__ = ["RandomRegionLoader", "part_bounds"]
 
@@ -60,9 +60,9 @@ class RandomRegionLoader(BigChunkLoader):
         mpp: read at this many microns per pixel instead of a level.
         magnification: read at this objective magnification (e.g. 20 for 20x) instead of a level.
         tolerance: relative scale difference under which a level is used as it is; beyond it the
-            next finer level is read and resampled (see :mod:`bigsmall_torch.resolution`).
+            next finer level is read and resampled (see :mod:`bigsmall_torch.io.resolution`).
         tissue_only: place big chunks on tissue: a tissue cell of the slide's mask (see
-            :mod:`bigsmall_torch.tissue`) is drawn uniformly, so slides and regions are weighted by
+            :mod:`bigsmall_torch.io.tissue`) is drawn uniformly, so slides and regions are weighted by
             tissue area, and the chunk is centred on it (clipped to the slide). A slide (or band) with
             no tissue gives no chunk.
         tissue_detector: how masks are computed (default :class:`~bigsmall_torch.TissueDetector`).

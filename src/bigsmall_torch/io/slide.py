@@ -17,8 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..errors import ConfigError, SlideOpenError, SlideReadError
 from ._tiles import TileDecoder, check_page_tiles
-from .errors import ConfigError, SlideOpenError, SlideReadError
 
 __all__ = ["Backend", "SlideCache", "SlideInfo", "SlideReader", "open_slide", "slide_info"]
 
@@ -134,7 +134,7 @@ def _check_tiff_levels(tif: Any, path: Path) -> tuple[int, int]:
 
 
 class _TiffSlideReader(_ReaderBase):
-    """tiffslide, with the tile-direct fast path (:mod:`bigsmall_torch._tiles`) for JPEG-tiled levels."""
+    """tiffslide, with the tile-direct fast path (:mod:`bigsmall_torch.io._tiles`) for JPEG-tiled levels."""
 
     def __init__(
         self, path: Path, cache_bytes: int | None = None, decode_threads: int = 1, strict: bool = True
@@ -284,7 +284,7 @@ def open_slide(
 
     ``strict=True`` (the default) makes libjpeg's corruption warnings errors, as OpenSlide does:
     a damaged JPEG tile raises :class:`SlideReadError` naming the file, level and tile instead of
-    giving made-up pixels (see :mod:`bigsmall_torch._tiles`; it costs about a quarter of the decode
+    giving made-up pixels (see :mod:`bigsmall_torch.io._tiles`; it costs about a quarter of the decode
     time). ``strict=False`` skips that check (tifffile's own behaviour).
 
     ``openslide_cache_bytes`` bounds OpenSlide's tile cache (one cache of that size shared by the

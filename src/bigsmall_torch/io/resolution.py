@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError, SlideError
+from ..errors import ConfigError, SlideError
 from .slide import SlideInfo, SlideReader
 
 __all__ = ["DEFAULT_TOLERANCE", "LevelChoice", "Resolution", "extent", "read_at", "resample"]

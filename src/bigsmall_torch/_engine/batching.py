@@ -1,7 +1,7 @@
 """Batched mode: whole batches assembled inside the worker.
 
 Crops are written straight into one batch tensor, of the crops' own dtype, that in a DataLoader
-worker is a reusable shared-memory slot (:mod:`~bigsmall_torch._batch_ring`), so handing it to the
+worker is a reusable shared-memory slot (:mod:`~bigsmall_torch._engine.batch_ring`), so handing it to the
 main process copies nothing; metadata becomes small tensors. Used with
 ``DataLoader(dataset, batch_size=None)``.
 """
@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from ._batch_ring import RingBatch, _Lease, acquire_images
-from ._sharding import split_evenly
-from .chunks import SmallChunk, image_array
-from .errors import ExtractorError
+from ..chunks import SmallChunk, image_array
+from ..errors import ExtractorError
+from .batch_ring import RingBatch, _Lease, acquire_images
+from .sharding import split_evenly
 
 __all__ = ["BatchBuilder", "batch_count", "batched_quota"]
 

@@ -23,17 +23,17 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ._batching import batch_count
-from ._sharding import split_evenly
-from ._streaming import Live, StreamingDataset
-from ._validate import choice, positive_int, size_pair
-from .chunks import SmallChunk, channel_planar
-from .data import Dataset, Patient
-from .errors import ConfigError, SlideError, SlideOpenError
-from .reservoir import OnError
-from .resolution import DEFAULT_TOLERANCE, LevelChoice, Resolution, extent, read_at
-from .slide import Backend, SlideCache
-from .tissue import TissueDetector, _skimage, tissue_mask
+from .._engine.batching import batch_count
+from .._engine.reservoir import OnError
+from .._engine.sharding import split_evenly
+from .._engine.streaming import Live, StreamingDataset
+from .._validate import choice, positive_int, size_pair
+from ..chunks import SmallChunk, channel_planar
+from ..data import Dataset, Patient
+from ..errors import ConfigError, SlideError, SlideOpenError
+from ..io.resolution import DEFAULT_TOLERANCE, LevelChoice, Resolution, extent, read_at
+from ..io.slide import Backend, SlideCache
+from ..io.tissue import TissueDetector, _skimage, tissue_mask
 
 __all__ = ["Edge", "Grid", "SlidingWindowDataset"]
 
@@ -161,7 +161,7 @@ class SlidingWindowDataset(StreamingDataset):
         dataset: the slides (one record per patient is read: ``record_key``).
         patch_size: window width and height (an int or a pair), in pixels of the asked resolution.
         stride: step between windows (an int or a pair); default ``patch_size`` (no overlap).
-        level, mpp, magnification, tolerance: the resolution (see :mod:`bigsmall_torch.resolution`).
+        level, mpp, magnification, tolerance: the resolution (see :mod:`bigsmall_torch.io.resolution`).
         edge: the last partial row/column (:class:`Edge`): ``"drop"`` (default), ``"shift"``, ``"pad"``.
         tissue_only: emit only windows whose tissue fraction is at least ``min_tissue``.
         block_size: side, in pixels of the asked resolution, of the blocks read at once.

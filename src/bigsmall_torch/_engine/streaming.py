@@ -33,14 +33,14 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.data import IterableDataset
 
-from ._batch_ring import InlineDict, apply_transform
-from ._batching import BatchBuilder
-from ._sharding import Topology, current_topology, distributed_rank_and_world
-from ._validate import choice, optional_callable, positive_int
-from .chunks import SmallChunk, image_array
-from .errors import ConfigError
+from .._validate import choice, optional_callable, positive_int
+from ..chunks import SmallChunk, image_array
+from ..errors import ConfigError
+from ..io.slide import Backend, SlideCache
+from .batch_ring import InlineDict, apply_transform
+from .batching import BatchBuilder
 from .reservoir import OnError, ReservoirStats
-from .slide import Backend, SlideCache
+from .sharding import Topology, current_topology, distributed_rank_and_world
 
 __all__ = ["STATE_VERSION", "Live", "StreamingDataset", "check_resume_topology", "to_sample"]
 

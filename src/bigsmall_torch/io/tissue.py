@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, MissingDependencyError
+from ..errors import ConfigError, MissingDependencyError
 from .resolution import resample
 from .slide import SlideReader, open_slide
 

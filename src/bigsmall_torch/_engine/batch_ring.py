@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.utils._pytree
 
-from .errors import StreamError
+from ..errors import StreamError
 
 __all__ = ["MAX_SLOTS", "InlineDict", "RingBatch", "acquire_images", "apply_transform"]
 

@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._validate import positive_int
-from .errors import ConfigError, MissingWindowsError, StitcherClosedError, StitchError
-from .slide import Backend
+from .._validate import positive_int
+from ..errors import ConfigError, MissingWindowsError, StitcherClosedError, StitchError
+from ..io.slide import Backend
+from ..visualize._draw import heatmap_overlay, safe_names, slide_thumbnail
 from .sliding import Grid, SlidingWindowDataset
-from .visualize import heatmap_overlay, safe_names, slide_thumbnail
 
 __all__ = ["StitchMode", "StitchResult", "Stitcher"]
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from .errors import ConfigError, SlideReadError
+from ..errors import ConfigError, SlideReadError
 
 if TYPE_CHECKING:
     import tifffile

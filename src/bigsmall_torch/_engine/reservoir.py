@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from ._sharding import RESERVOIR, derive_seed
-from .chunks import BigChunk, BigChunkLoader, ChunkContext, SmallChunk, SmallChunkCollector
-from .data import Patient
-from .errors import ExtractorError, SlideError, StreamError
+from ..chunks import BigChunk, BigChunkLoader, ChunkContext, SmallChunk, SmallChunkCollector
+from ..data import Patient
+from ..errors import ExtractorError, SlideError, StreamError
+from ..io.slide import SlideCache
+from ..schedulers import Candidate, LeastVisitedScheduler, Scheduler
 from .messages import MessageBoard
-from .schedulers import Candidate, LeastVisitedScheduler, Scheduler
-from .slide import SlideCache
+from .sharding import RESERVOIR, derive_seed
 
 __all__ = ["OnError", "Reservoir", "ReservoirStats"]
 

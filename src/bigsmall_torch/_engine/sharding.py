@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # Domain tags: the first key of every seed sequence, so streams for different purposes never collide.
 _SHARDS = 1
