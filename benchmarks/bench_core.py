@@ -258,7 +258,7 @@ def make_bigsmall(
     """The benchmark's :class:`~bigsmall_torch.BigSmallDataset` (per-sample when ``batch_size`` is
     None, else batched)."""
     patients = bst.Dataset("bench", [bst.Patient(p.stem, {"wsi": bst.Record(p)}) for p in paths])
-    collector = TaggingCropCollector(size=PATCH) if tagging else bst.RandomCropCollector(size=PATCH)
+    collector = TaggingCropCollector(patch_size=PATCH) if tagging else bst.RandomCropCollector(patch_size=PATCH)
     return bst.BigSmallDataset(
         patients,
         bst.RandomRegionLoader(size=CHUNK, level=0),

@@ -131,7 +131,7 @@ def _dataset(path: Path) -> bst.Dataset:
 
 def test_training_raises_or_skips_never_gives_wrong_patches(damaged: Path) -> None:
     loader = bst.RandomRegionLoader(size=3 * TILE)
-    collector = bst.RandomCropCollector(size=TILE)
+    collector = bst.RandomCropCollector(patch_size=TILE)
     dataset = bst.BigSmallDataset(
         _dataset(damaged), loader, collector, buffer_size=1, smallchunks_per_bigchunk=8,
         samples_per_epoch=400, seed=0,

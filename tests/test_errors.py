@@ -81,7 +81,7 @@ def test_buffer_that_cannot_fit_in_memory_is_refused_at_construction(slide_folde
     with pytest.raises(ConfigError, match=r"buffer_size=1000000 .* need .* GiB, but this machine has"):
         bst.BigSmallDataset(
             bst.Dataset.from_folder(slide_folder, pattern="*.tiff"), bst.RandomRegionLoader(size=2048),
-            bst.RandomCropCollector(size=224), buffer_size=10**6, smallchunks_per_bigchunk=8,
+            bst.RandomCropCollector(patch_size=224), buffer_size=10**6, smallchunks_per_bigchunk=8,
         )  # fmt: skip
 
 
@@ -91,7 +91,7 @@ def test_memory_check_counts_the_workers(slide_folder: Path, monkeypatch: pytest
 
     dataset = bst.BigSmallDataset(
         bst.Dataset.from_folder(slide_folder, pattern="*.tiff"), bst.RandomRegionLoader(size=512),
-        bst.RandomCropCollector(size=64), buffer_size=4, smallchunks_per_bigchunk=8, prefetch=2,
+        bst.RandomCropCollector(patch_size=64), buffer_size=4, smallchunks_per_bigchunk=8, prefetch=2,
         samples_per_epoch=16,
     )  # fmt: skip
     per_worker = 7 * 512 * 512 * 3
@@ -104,7 +104,7 @@ def test_memory_check_counts_the_workers(slide_folder: Path, monkeypatch: pytest
 def test_two_iterations_in_one_process_do_not_close_slides_under_each_other(slide_folder: Path) -> None:
     dataset = bst.BigSmallDataset(
         bst.Dataset.from_folder(slide_folder, pattern="*.tiff"), bst.RandomRegionLoader(size=256),
-        bst.RandomCropCollector(size=64), buffer_size=2, smallchunks_per_bigchunk=4,
+        bst.RandomCropCollector(patch_size=64), buffer_size=2, smallchunks_per_bigchunk=4,
         samples_per_epoch=64, on_error="raise", seed=1,
     )  # fmt: skip
     first, second = iter(dataset), iter(dataset)

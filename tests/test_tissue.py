@@ -56,7 +56,7 @@ def _tissue_ds(info: SyntheticSlideInfo, **kwargs: object) -> bst.BigSmallDatase
 def test_tissue_only_chunks_and_min_tissue_crops(tissue_slides: dict[str, SyntheticSlideInfo]) -> None:
     info = tissue_slides["blobs"]
     loader = bst.RandomRegionLoader(512, tissue_only=True)
-    collector = bst.RandomCropCollector(128, min_tissue=0.5)
+    collector = bst.RandomCropCollector(128, tissue_only=True, min_tissue=0.5)
     samples = list(_tissue_ds(info, loader=loader, collector=collector))
     assert len(samples) == 160
     fractions = [truth_fraction(info, s["x"], s["y"], 128, 128) for s in samples]
@@ -104,7 +104,7 @@ def test_render_tissue_draws_the_outline(tissue_slides: dict[str, SyntheticSlide
 
 
 def test_bad_options_and_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(bst.ConfigError, match="min_tissue must be in"):
+    with pytest.raises(bst.ConfigError, match=r"min_tissue must be a number in \[0, 1\]"):
         bst.RandomCropCollector(64, min_tissue=1.5)
     with pytest.raises(bst.ConfigError, match="thumbnail_size must be an int >= 16"):
         TissueDetector(thumbnail_size=4)

@@ -36,7 +36,7 @@ def blobs(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSlideInfo:
 
 def stream(info: SyntheticSlideInfo, **kwargs: Any) -> bst.BigSmallDataset:
     data = bst.Dataset("v", [bst.Patient("blob slide", {"wsi": bst.Record(info.path)})])
-    collector = ChunkInfoCollector(bst.RandomCropCollector(64, min_tissue=0.5))
+    collector = ChunkInfoCollector(bst.RandomCropCollector(64, tissue_only=True, min_tissue=0.5))
     return bst.BigSmallDataset(data, bst.RandomRegionLoader(512, tissue_only=True), collector, buffer_size=2,
                                smallchunks_per_bigchunk=8, samples_per_epoch=128, seed=1, **kwargs)  # fmt: skip
 
@@ -109,7 +109,7 @@ def test_single_samples_explicit_size_and_resolution(
     }
     recorder.update(sample)  # one sample, not collated: level 1 of a 2x pyramid, no mpp
     recorder.update(
-        {**sample, "x": 300, "mpp": 2.0}, size=(10, 20)
+        {**sample, "x": 300, "mpp": 2.0}, patch_size=(10, 20)
     )  # 2 um/px on a 0.5 um/px slide: 4x
     info = bst.slide_info(blobs.path)
     records = recorder.records("p")

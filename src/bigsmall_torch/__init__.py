@@ -7,7 +7,8 @@ background.
 
 from __future__ import annotations
 
-from ._engine.reservoir import OnError
+from ._engine.reservoir import OnError, Reservoir, ReservoirStats
+from ._engine.sharding import Topology
 from ._version import __version__
 from .chunks import BigChunk, BigChunkLoader, ChunkContext, SmallChunk, SmallChunkCollector
 from .collectors import RandomCropCollector
@@ -67,6 +68,8 @@ __all__ = [
     "RandomCropCollector",
     "RandomRegionLoader",
     "Record",
+    "Reservoir",
+    "ReservoirStats",
     "Resolution",
     "SampledPatches",
     "SamplingRecorder",
@@ -88,6 +91,7 @@ __all__ = [
     "StreamError",
     "TissueDetector",
     "TissueMask",
+    "Topology",
     "WeightedScheduler",
     "open_slide",
     "render_sampling",

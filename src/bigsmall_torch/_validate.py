@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -42,3 +43,20 @@ def choice(name: str, value: Any, kind: Callable[[Any], T]) -> T:
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in kind)  # type: ignore[attr-defined]
         raise ConfigError(f"{name} must be one of {allowed}, got {value!r}") from None
+
+
+def renamed(owner: str, new: str, new_value: Any, old: str, old_value: Any, *, stacklevel: int = 3) -> Any:
+    """The value of keyword ``new``, accepting its deprecated former name ``old`` (with a
+    ``DeprecationWarning``); a :class:`ConfigError` when both or neither are given."""
+    if old_value is None:
+        if new_value is None:
+            raise ConfigError(f"{owner}: {new} is required")
+        return new_value
+    if new_value is not None:
+        raise ConfigError(f"{owner}: pass {new} only ({old} is its former name), not both")
+    warnings.warn(
+        f"{owner}({old}=...) is deprecated; use {new}=... (the same meaning)",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    return old_value

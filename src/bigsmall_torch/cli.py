@@ -66,7 +66,7 @@ def run_demo(args: argparse.Namespace) -> int:
     ds = bst.BigSmallDataset(
         slides,
         bst.RandomRegionLoader(size=args.chunk_size, level=0, tissue_only=True),
-        bst.ChunkInfoCollector(bst.RandomCropCollector(size=args.patch_size, min_tissue=0.5)),
+        bst.ChunkInfoCollector(bst.RandomCropCollector(patch_size=args.patch_size, tissue_only=True)),
         buffer_size=args.buffer_size,
         smallchunks_per_bigchunk=args.smallchunks_per_bigchunk,
         samples_per_epoch=samples,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 
-from ._validate import positive_int, size_pair
+from ._validate import positive_int, renamed, size_pair
 from .chunks import BigChunk, ChunkContext, SmallChunk, SmallChunkCollector
 from .errors import ConfigError
 from .io.tissue import TissueDetector, _skimage, tissue_mask
@@ -13,54 +14,84 @@ __all__ = ["RandomCropCollector"]
 
 
 class RandomCropCollector(SmallChunkCollector):
-    """Uniformly random ``size`` crops of a big chunk (with replacement).
+    """Uniformly random ``patch_size`` crops of a big chunk (with replacement).
 
     Args:
-        size: crop width and height (an int or a ``(width, height)`` pair), in pixels of the big
-            chunk's level.
-        min_tissue: reject crops whose tissue fraction (from the slide's tissue mask) is below this;
-            after ``max_tries`` rejected draws the big chunk is retired (None).
-        max_tries: draws per sample when ``min_tissue > 0``.
+        patch_size: crop width and height (an int or a ``(width, height)`` pair), in pixels of the
+            big chunk's level (the keyword of :class:`~bigsmall_torch.SlidingWindowDataset` too;
+            ``size=`` is its deprecated former name).
+        tissue_only: keep only crops whose tissue fraction (from the slide's tissue mask) is at
+            least ``min_tissue``; after ``max_tries`` rejected draws the big chunk is retired
+            (None). The same words as :class:`~bigsmall_torch.SlidingWindowDataset`'s.
+        min_tissue: the tissue fraction ``tissue_only`` asks for, in [0, 1] (default 0.5).
+        max_tries: draws per sample when ``tissue_only``.
         tissue_detector: how masks are computed (default :class:`~bigsmall_torch.TissueDetector`).
 
     The crop is a view of the big chunk (no copy). Samples carry level-0 ``x``/``y`` of the crop's
-    top-left, the ``level`` read and the ``mpp`` of the pixels (NaN when the slide has none). A big chunk smaller than ``size`` gives no crop (None).
+    top-left, the ``level`` read and the ``mpp`` of the pixels (NaN when the slide has none). A big
+    chunk smaller than ``patch_size`` gives no crop (None).
     """
 
     def __init__(
         self,
-        size: int | tuple[int, int],
+        patch_size: int | tuple[int, int] | None = None,
         *,
-        min_tissue: float = 0.0,
+        tissue_only: bool = False,
+        min_tissue: float | None = None,
         max_tries: int = 10,
         tissue_detector: TissueDetector | None = None,
+        size: int | tuple[int, int] | None = None,
     ) -> None:
-        self.size = size_pair("RandomCropCollector: size", size)
-        if isinstance(min_tissue, bool) or not isinstance(min_tissue, (int, float)) or not 0 <= min_tissue <= 1:
-            raise ConfigError(f"RandomCropCollector: min_tissue must be in [0, 1], got {min_tissue!r}")
-        self.min_tissue = float(min_tissue)
+        patch = renamed("RandomCropCollector", "patch_size", patch_size, "size", size)
+        self._patch_size = size_pair("RandomCropCollector: patch_size", patch)
+        if not isinstance(tissue_only, bool):
+            raise ConfigError(f"RandomCropCollector: tissue_only must be True or False, got {tissue_only!r}")
+        if min_tissue is not None and (
+            isinstance(min_tissue, bool) or not isinstance(min_tissue, (int, float)) or not 0 <= min_tissue <= 1
+        ):
+            raise ConfigError(f"RandomCropCollector: min_tissue must be a number in [0, 1], got {min_tissue!r}")
+        if min_tissue is not None and min_tissue > 0 and not tissue_only:
+            warnings.warn(
+                "RandomCropCollector(min_tissue=...) without tissue_only=True is deprecated; pass "
+                "tissue_only=True as well (min_tissue alone still filters, for now)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            tissue_only = True
+        self.tissue_only = tissue_only
+        self.min_tissue = 0.5 if min_tissue is None else float(min_tissue)
         self.max_tries = positive_int("RandomCropCollector: max_tries", max_tries)
         self.tissue_detector = tissue_detector or TissueDetector()
-        if self.min_tissue > 0:
+        if self.tissue_only:
             _skimage()  # fail at construction, naming the extra, when scikit-image is missing
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        return self.size
+        return self._patch_size
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Deprecated name of :attr:`patch_size`."""
+        return self._patch_size
+
+    @property
+    def _filters(self) -> bool:
+        return self.tissue_only and self.min_tissue > 0
 
     def extract_smallchunk(
         self, call_count: int, bigchunk: BigChunk, ctx: ChunkContext
     ) -> SmallChunk | None:
         height, width = bigchunk.data.shape[:2]
-        w, h = self.size
+        w, h = self._patch_size
         if w > width or h > height:
             return None
         info = bigchunk.info
         ds = info.get("downsample", 1.0)
-        for _ in range(self.max_tries if self.min_tissue > 0 else 1):
+        filters = self._filters
+        for _ in range(self.max_tries if filters else 1):
             cx = int(ctx.rng.integers(0, width - w + 1))
             cy = int(ctx.rng.integers(0, height - h + 1))
-            if self.min_tissue == 0 or self._tissue(bigchunk, ctx, cx, cy) >= self.min_tissue:
+            if not filters or self._tissue(bigchunk, ctx, cx, cy) >= self.min_tissue:
                 break
         else:
             return None  # mostly background after max_tries: move on to another big chunk
@@ -77,14 +108,17 @@ class RandomCropCollector(SmallChunkCollector):
         info = bigchunk.info
         if "path" not in info:
             raise ConfigError(
-                "RandomCropCollector: min_tissue needs the big chunk's info['path'] (the slide), "
+                "RandomCropCollector: tissue_only needs the big chunk's info['path'] (the slide), "
                 f"which {sorted(info)} lacks"
             )
         mask = tissue_mask(ctx.slides.get(info["path"]), detector=self.tissue_detector)
         ds = info.get("downsample", 1.0)
         return mask.fraction_in(
-            info.get("x", 0) + cx * ds, info.get("y", 0) + cy * ds, self.size[0] * ds, self.size[1] * ds
+            info.get("x", 0) + cx * ds, info.get("y", 0) + cy * ds, self._patch_size[0] * ds, self._patch_size[1] * ds
         )
 
     def __repr__(self) -> str:
-        return f"RandomCropCollector(size={self.size}, min_tissue={self.min_tissue})"
+        return (
+            f"RandomCropCollector(patch_size={self._patch_size}, tissue_only={self.tissue_only}, "
+            f"min_tissue={self.min_tissue})"
+        )

@@ -51,8 +51,10 @@ class StreamError(BigSmallError, RuntimeError):
     """The sample stream cannot go on (e.g. every patient of a shard gives nothing)."""
 
 
-class StitchError(ConfigError):
-    """An output or its metadata does not fit the grids (shape, patient id, position, duplicate)."""
+class StitchError(BigSmallError, ValueError):
+    """An output or its metadata does not fit the grids (shape, patient id, position, duplicate).
+
+    Not a :class:`ConfigError`: the Stitcher's arguments were fine, the data given to it is not."""
 
 
 class StitcherClosedError(BigSmallError, RuntimeError):

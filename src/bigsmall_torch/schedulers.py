@@ -8,6 +8,7 @@ randomness from the ``rng`` argument so that streams stay reproducible.
 
 from __future__ import annotations
 
+import abc
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,8 +45,9 @@ class Candidate:
     part: tuple[int, int] = (0, 1)
 
 
-class Scheduler:
-    """Base scheduler: least-visited first (the default). Subclass it to write your own.
+class Scheduler(abc.ABC):
+    """Base of the schedulers: subclass it and implement :meth:`schedule` to write your own
+    (:class:`LeastVisitedScheduler` is the default).
 
     ``recent`` holds the patients of the last ``buffer_size`` chunks scheduled (about the resident
     chunks) when the hooks run.
@@ -71,9 +73,9 @@ class Scheduler:
             chosen.append(pick)
         return chosen
 
+    @abc.abstractmethod
     def schedule(self, candidates: Sequence[Candidate], rng: np.random.Generator) -> Candidate | None:
         """The candidate whose big chunk loads next, or None when none may load (all weights 0)."""
-        return _least_visited([c for c in candidates if c.weight > 0], rng)
 
     def note(self, chosen: Candidate, window: int) -> None:
         """Record a scheduled candidate (called by the engine after each pick)."""
@@ -92,8 +94,11 @@ def _least_visited(candidates: Sequence[Candidate], rng: np.random.Generator) ->
 
 
 class LeastVisitedScheduler(Scheduler):
-    """Like PyDmed's default: strongly prefer the patients scheduled least so far (ties at random),
-    so every patient is visited early and evenly."""
+    """The default, like PyDmed's: strongly prefer the patients scheduled least so far (ties at
+    random), so every patient is visited early and evenly."""
+
+    def schedule(self, candidates: Sequence[Candidate], rng: np.random.Generator) -> Candidate | None:
+        return _least_visited([c for c in candidates if c.weight > 0], rng)
 
 
 class LabelBalancedScheduler(Scheduler):

@@ -25,6 +25,8 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 
+from .errors import ConfigError
+
 __all__ = ["SyntheticSlideInfo", "TissueMode", "synthesize_slides", "write_synthetic_slide"]
 
 logger = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ def write_synthetic_slide(
     info = _plan(Path(path), width, height, tile_size, levels, mpp, quality, seed, tissue,
                  texture_source)  # fmt: skip
     if info.path.exists() and not overwrite:
-        raise ValueError(f"path={str(info.path)!r} exists; pass overwrite=True to replace it")
+        raise ConfigError(f"path={str(info.path)!r} exists; pass overwrite=True to replace it")
     _write(info)
     return info
 
@@ -132,9 +134,9 @@ def synthesize_slides(
     A file there already written with the same parameters is re-used; any other is replaced.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n={n!r} is invalid; expected an int >= 0")
+        raise ConfigError(f"n={n!r} is invalid; expected an int >= 0")
     if not prefix or Path(prefix).name != prefix:
-        raise ValueError(f"prefix={prefix!r} is invalid; expected a non-empty file name part")
+        raise ConfigError(f"prefix={prefix!r} is invalid; expected a non-empty file name part")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     infos = []
@@ -164,7 +166,7 @@ def _check_int(
             f"an int >= {minimum}" if maximum == math.inf else f"an int in {minimum}..{maximum}"
         )
         allowed += f" and a multiple of {step}" if step > 1 else ""
-        raise ValueError(f"{name}={value!r} is invalid; expected {allowed}")
+        raise ConfigError(f"{name}={value!r} is invalid; expected {allowed}")
     return int(value)
 
 
@@ -188,20 +190,20 @@ def _plan(
     seed = _check_int("seed", seed, minimum=0)
     if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float))
                             or not 0 < mpp < math.inf):  # fmt: skip
-        raise ValueError(f"mpp={mpp!r} is invalid; expected None or a finite number > 0")
+        raise ConfigError(f"mpp={mpp!r} is invalid; expected None or a finite number > 0")
     try:
         mode = TissueMode(tissue)
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in TissueMode)
-        raise ValueError(f"tissue={tissue!r} is invalid; expected one of {allowed}") from None
+        raise ConfigError(f"tissue={tissue!r} is invalid; expected one of {allowed}") from None
     source = None if texture_source is None else Path(texture_source)
     if source is not None and not source.is_file():
-        raise ValueError(f"texture_source={str(source)!r} is not a file; expected a slide path")
+        raise ConfigError(f"texture_source={str(source)!r} is not a file; expected a slide path")
     downsample, small_level = _small_level(width, height)
     n_levels = _check_int("levels", small_level + 1 if levels is None else levels, minimum=1)
     step = 1 << (n_levels - 1)
     if width % step or height % step:
-        raise ValueError(
+        raise ConfigError(
             f"levels={levels!r} is invalid for width={width}, height={height}: {n_levels} levels,"
             f" each halving exactly, need multiples of {step}; change the size or the levels"
         )
@@ -321,7 +323,7 @@ class _PatchSource:
 
     def __init__(self, texture: RGBArray, patch: int, *, stained_only: bool) -> None:
         if min(texture.shape[:2]) < patch:
-            raise ValueError(f"texture of shape {texture.shape} is smaller than a {patch} patch")
+            raise ConfigError(f"texture of shape {texture.shape} is smaller than a {patch} patch")
         self.patch = patch
         self._views = _dihedral(texture)
         cells = texture[4::8, 4::8]  # one sample per 8x8 cell is enough to rank patches

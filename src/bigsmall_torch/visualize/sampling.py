@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validate import size_pair
+from .._validate import renamed, size_pair
 from ..chunks import BigChunk, ChunkContext, SmallChunk, SmallChunkCollector
 from ..data import Dataset
 from ..errors import ConfigError
@@ -114,11 +114,19 @@ class SamplingRecorder:
         self._cache: dict[Any, SampledPatches] = {}
 
     def update(
-        self, batch: Mapping[str, Any], *, size: int | tuple[int, int] | None = None
+        self,
+        batch: Mapping[str, Any],
+        *,
+        patch_size: int | tuple[int, int] | None = None,
+        size: int | tuple[int, int] | None = None,
     ) -> None:
         """Record the samples of ``batch`` (``patient_id``, level-0 ``x``/``y``, ``level``, ``mpp``,
-        ``image`` or ``size``: the patch's ``(width, height)`` in pixels of its resolution, for when a
-        transform changed the image's shape)."""
+        ``image`` or ``patch_size``: the patch's ``(width, height)`` in pixels of its resolution, for
+        when a transform changed the image's shape; ``size=`` is its deprecated former name)."""
+        if size is not None:
+            size = renamed("SamplingRecorder.update", "patch_size", patch_size, "size", size)
+        else:
+            size = patch_size
         absent = [k for k in ("patient_id", "x", "y") if k not in batch]
         if absent or (size is None and "image" not in batch):
             raise ConfigError(
@@ -129,7 +137,7 @@ class SamplingRecorder:
         ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
         n = len(ids)
         if size is not None:
-            pw, ph = size_pair("SamplingRecorder.update: size", size)
+            pw, ph = size_pair("SamplingRecorder.update: patch_size", size)
             wh = np.tile([float(pw), float(ph)], (n, 1))
         else:
             image = batch["image"]
