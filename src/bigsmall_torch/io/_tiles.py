@@ -12,12 +12,13 @@ Corrupt tiles are errors, never wrong pixels. imagecodecs (and so tifffile and t
 through libjpeg but drops libjpeg's *warnings*, and corrupt entropy-coded data is exactly what libjpeg
 reports as a warning ("Corrupt JPEG data: premature end of data segment", "N extraneous bytes before
 marker") while it fills the rest of the tile with made-up pixels. OpenSlide turns those warnings into
-errors; so does this module: with ``strict=True`` (the default) every tile is also run through
-libjpeg-turbo's TurboJPEG API with warnings as errors (simplejpeg, at 1/8 scale: the entropy decoding
-that detects the damage, without the full-size inverse DCT), and a warning raises
-:class:`~bigsmall_torch.SlideReadError` naming the file, the level and the tile. What libjpeg cannot
-see, nobody downstream can: bytes overwritten so that the Huffman stream still parses to the right
-length decode to wrong pixels without any warning (JPEG carries no checksum; see ``docs/tuning.md``).
+errors; so does this module with ``strict=True`` (the default): YCbCr tiles are decoded by
+libjpeg-turbo's TurboJPEG API with stop-on-warning (simplejpeg; same pixels, no extra cost), RGB
+tiles (Aperio's, whose colour space only imagecodecs can set) by imagecodecs and then checked by
+TurboJPEG at 1/8 scale (:func:`check_jpeg`). A warning raises :class:`~bigsmall_torch.SlideReadError`
+naming the file, the level and the tile. What libjpeg cannot see, nobody downstream can: bytes
+overwritten so that the Huffman stream still parses to the right length decode to wrong pixels
+without any warning (JPEG carries no checksum; ``python -m benchmarks.bench_corruption`` counts both).
 """
 
 from __future__ import annotations
@@ -286,10 +287,32 @@ class TileDecoder:
                 )
         return tasks
 
-    def _run(self, fd: int, task: _Task, x: int, y: int, out: np.ndarray) -> None:
-        """Read one task's bytes, decode its tiles and copy their parts of the region into ``out``."""
+    def _decode(self, data: memoryview) -> np.ndarray:
+        """One tile's pixels (``H x W x 3``), libjpeg's warnings raised as errors when ``strict``.
+
+        YCbCr tiles (the usual case) are decoded once, by libjpeg-turbo's TurboJPEG API with
+        stop-on-warning (simplejpeg): the same pixels as imagecodecs, the check for free. RGB tiles
+        without a JFIF marker (Aperio's "RGB" JPEG) need the colour space set, which only imagecodecs
+        can; they are decoded by it and then checked (:func:`check_jpeg`)."""
         import imagecodecs
 
+        if self.strict and self._colorspace is None:
+            import simplejpeg
+
+            stream = self._prefix + bytes(data[2:]) if self._prefix else data
+            return simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True)
+        tile = imagecodecs.jpeg8_decode(
+            cast(bytes, data),  # any buffer works
+            tables=self._tables,
+            colorspace=self._colorspace,
+            outcolorspace=_RGB,
+        )
+        if self.strict:
+            check_jpeg(data, self._prefix)
+        return tile
+
+    def _run(self, fd: int, task: _Task, x: int, y: int, out: np.ndarray) -> None:
+        """Read one task's bytes, decode its tiles and copy their parts of the region into ``out``."""
         offset, count, tiles = task
         tw, th = self.tile_width, self.tile_height
         height, width = out.shape[:2]
@@ -311,12 +334,7 @@ class TileDecoder:
                     raise ValueError(
                         f"the file ends {start + size - len(data)} bytes into the tile"
                     )
-                tile = imagecodecs.jpeg8_decode(
-                    cast(bytes, view[start : start + size]),  # any buffer works
-                    tables=self._tables,
-                    colorspace=self._colorspace,
-                    outcolorspace=_RGB,
-                )
+                tile = self._decode(view[start : start + size])
                 if (
                     tile.ndim != 3
                     or tile.shape[2] != 3
@@ -324,9 +342,7 @@ class TileDecoder:
                     or tile.shape[1] < need_w
                 ):
                     raise ValueError(f"decoded shape {tile.shape}, expected ({th}, {tw}, 3)")
-                if self.strict:
-                    check_jpeg(view[start : start + size], self._prefix)
-            except Exception as exc:  # imagecodecs raises its own error types
+            except Exception as exc:  # imagecodecs and simplejpeg raise their own error types
                 raise SlideReadError(
                     self.path,
                     f"cannot decode JPEG tile (col, row) = ({col}, {row}) of level {self.level} "
