@@ -29,6 +29,7 @@ import math
 import os
 import secrets
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -338,24 +339,57 @@ _MAPPED: dict[str, _Mapped] = {}
 _MAPPED_LOCK = threading.RLock()  # finalizers may run during a locked section
 
 
+_REAP_S = 0.5  # how often the main process looks for exited workers while it maps their rings
+_reaper: threading.Thread | None = None
+
+
 def _forget_mapped() -> None:
     """In a forked child: drop the parent's mappings (a DataLoader worker never reads them)."""
-    global _MAPPED_LOCK
+    global _MAPPED_LOCK, _reaper
     _MAPPED_LOCK = threading.RLock()  # finalizers may run during a locked section
     _MAPPED.clear()
+    _reaper = None  # threads do not survive fork
+
+
+def _reap() -> None:
+    """Unmap the rings of exited workers until none is mapped. A DataLoader whose epoch ends in an
+    error, or whose worker is killed, frees its batches before its workers exit, so no release
+    comes after the exit to unmap them: this thread does, within ``_REAP_S`` of the exit."""
+    global _reaper
+    while True:
+        time.sleep(_REAP_S)
+        _forget_exited()
+        with _MAPPED_LOCK:
+            if not _MAPPED:
+                _reaper = None
+                return
+
+
+def _watch_rings() -> None:
+    """Start the reaper thread when the first ring is mapped (call with ``_MAPPED_LOCK`` held)."""
+    global _reaper
+    if _reaper is None:
+        _reaper = threading.Thread(target=_reap, name="bigsmall-ring-reaper", daemon=True)
+        _reaper.start()
 
 
 os.register_at_fork(after_in_child=_forget_mapped)
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, exited but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: trust kill()
+    return state not in (b"Z", b"X")
 
 
 def _forget_exited() -> None:
@@ -405,6 +439,7 @@ def _rebuild_ring(
                 if control is None:
                     raise StreamError(f"batch slot {slot} of worker {pid} arrived without its ring")
                 _MAPPED[token] = _Mapped(pid, control.numpy())  # arrays keep their storages alive
+                _watch_rings()
             _MAPPED[token].slots[slot] = storage.numpy()
         mapped = _MAPPED.get(token)
         if mapped is None or slot not in mapped.slots:

@@ -215,9 +215,9 @@ class _LoaderThread(threading.Thread):
                         raise
                     r.skipped_ids.add(candidate.patient.id)
                     r.stats.skipped.append((str(exc.path), exc.reason))
-                    logger.warning(
+                    logger.warning(  # str(exc): a record keeping exc would keep its frames alive
                         "skipping patient %r: %s (%d slide(s) skipped so far in this worker)",
-                        candidate.patient.id, exc, len(r.stats.skipped),
+                        candidate.patient.id, str(exc), len(r.stats.skipped),
                     )
                     continue
                 if chunk is None:

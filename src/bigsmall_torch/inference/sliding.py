@@ -426,7 +426,7 @@ class SlidingWindowDataset(StreamingDataset):
         if lost:
             self._report_skip(block, len(cells), gone, errors[-1])
         else:  # the failure did not repeat
-            logger.info("re-read %d windows in pieces after: %s", len(cells), exc)
+            logger.info("re-read %d windows in pieces after: %s", len(cells), str(exc))
         return pieces
 
     def _report_skip(self, block: _Block, tried: int, cells: np.ndarray, exc: SlideError) -> None:
@@ -441,7 +441,7 @@ class SlidingWindowDataset(StreamingDataset):
             cells[:, 1].min(),
             cells[:, 1].max(),
             tried - len(cells),
-            exc,
+            str(exc),  # not exc: a record keeping it would keep its frames alive
         )
 
     def _crop(
