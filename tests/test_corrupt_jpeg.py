@@ -178,3 +178,25 @@ def test_jpeg2000_damage_the_codec_detects_is_an_error(tmp_path: Path) -> None:
             reader.read(256, 256, 0, 256, 256)
     finally:
         reader.close()
+
+
+def test_thumbnail_draws_a_damaged_tile_white_and_says_so(
+    damaged: Path, cmu1: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Thumbnails (tissue masks, pictures) of a one-level slide read level 0 whole: the damaged
+    piece is drawn as background with a warning instead of failing the whole slide."""
+    from bigsmall_torch.visualize import slide_thumbnail
+
+    with caplog.at_level("WARNING", logger="bigsmall_torch.io.tissue"):
+        thumb, info = slide_thumbnail(damaged, size=info_size(cmu1))
+    assert "cannot be read and are drawn white" in caplog.text and damaged.name in caplog.text
+    good, _ = slide_thumbnail(cmu1, size=info_size(cmu1))
+    tile = thumb[ROW * TILE : (ROW + 1) * TILE, COL * TILE : (COL + 1) * TILE]
+    assert (tile == 255).all()
+    thumb[ROW * TILE : (ROW + 1) * TILE, COL * TILE : (COL + 1) * TILE] = 0
+    good[ROW * TILE : (ROW + 1) * TILE, COL * TILE : (COL + 1) * TILE] = 0
+    np.testing.assert_array_equal(thumb, good)  # full size: the rest is the slide's own pixels
+
+
+def info_size(path: Path) -> int:
+    return max(bst.slide_info(path).dimensions)

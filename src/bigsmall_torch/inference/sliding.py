@@ -499,13 +499,18 @@ class SlidingWindowDataset(StreamingDataset):
         """The windows ``[start, stop)``, moving ``live.cursor`` (the worker's position: windows
         yielded or skipped) past each; skips go into the core's report too."""
         reported = 0
+
+        def report() -> None:
+            nonlocal reported
+            for pid, row, col in self.last_skipped[reported:]:
+                live.skipped.append((f"patient {pid!r} window (row {row}, col {col})", "unreadable"))
+            reported = len(self.last_skipped)
+
         for index, small in self._windows(start, stop):
             live.cursor = index + 1 - first
-            while reported < len(self.last_skipped):
-                pid, row, col = self.last_skipped[reported]
-                live.skipped.append((f"patient {pid!r} window (row {row}, col {col})", "unreadable"))
-                reported += 1
+            report()
             yield small
+        report()  # windows lost after the last one emitted
 
     def __repr__(self) -> str:
         return (

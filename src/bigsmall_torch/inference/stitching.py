@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .._validate import positive_int
-from ..errors import ConfigError, MissingWindowsError, StitcherClosedError, StitchError
+from ..errors import ConfigError, MissingWindowsError, SlideError, StitcherClosedError, StitchError
 from ..io.slide import Backend
 from ..visualize._draw import heatmap_overlay, safe_names, slide_thumbnail
 from .sliding import Grid, SlidingWindowDataset
@@ -403,9 +403,7 @@ class Stitcher:
         output_downsample: tuple[float, float],
         paths: dict[str, Path],
     ) -> None:
-        """The JSON geometry and the PNG heatmap."""
-        from PIL import Image
-
+        """The JSON geometry and the PNG heatmap (when the slide's thumbnail can be read)."""
         meta = slide.grid.geometry()
         meta["mode"], meta["shape"], meta["dtype"] = (
             self.mode.value,
@@ -416,27 +414,48 @@ class Stitcher:
         meta["missing"] = int((slide.grid.include & ~slide.received).sum())
         meta["files"] = {key: path.name for key, path in paths.items()}
         if self.png:
-            grid, ds = slide.grid, slide.grid.choice.downsample
-            starts: tuple[np.ndarray, np.ndarray]
-            if self.mode is StitchMode.WINDOW:  # cell (r, c) is the window (r, c)
-                starts, size = (
-                    (grid.xs * ds, grid.ys * ds),
-                    (grid.patch_size[0] * ds, grid.patch_size[1] * ds),
-                )
-            else:  # cell (i, j) is one canvas cell
-                (dx, dy), (height, width) = output_downsample, counts.shape
-                starts, size = (np.arange(width) * dx, np.arange(height) * dy), output_downsample
-            thumb, info = slide_thumbnail(grid.path, size=self.thumbnail_size, backend=self.backend)
-            values = array if array.ndim == 2 else array[..., self.channel]
-            image, vmin, vmax = heatmap_overlay(
-                thumb, info, values, np.asarray(counts) > 0, starts=starts, cell_size=size,
-                alpha=self.alpha, vmin=self.vmin, vmax=self.vmax,
-            )  # fmt: skip
-            Image.fromarray(image).save(paths["png"])
-            channel = None if array.ndim == 2 else self.channel
-            meta["heatmap"] = {"channel": channel, "vmin": vmin, "vmax": vmax, "alpha": self.alpha}
-            meta["heatmap"] |= {"colormap": "viridis", "size": [image.shape[1], image.shape[0]]}
+            try:
+                meta["heatmap"] = self._picture(slide, array, counts, output_downsample, paths["png"])
+            except SlideError as exc:  # a one-level slide whose damaged tile the windows skipped
+                logger.warning(
+                    "no heatmap picture for patient %r: its thumbnail cannot be read (%s); the "
+                    "result and its .npy/.json files are kept", slide.grid.patient_id, str(exc),
+                )  # fmt: skip
+                meta["files"].pop("png", None)
+                meta["heatmap"] = None
         paths["json"].write_text(json.dumps(meta, indent=1))
+
+    def _picture(
+        self,
+        slide: _Slide,
+        array: np.ndarray,
+        counts: np.ndarray,
+        output_downsample: tuple[float, float],
+        path: Path,
+    ) -> dict[str, Any]:
+        """Draw the heatmap over the slide's thumbnail into ``path``; its JSON description."""
+        from PIL import Image
+
+        grid, ds = slide.grid, slide.grid.choice.downsample
+        starts: tuple[np.ndarray, np.ndarray]
+        if self.mode is StitchMode.WINDOW:  # cell (r, c) is the window (r, c)
+            starts, size = (
+                (grid.xs * ds, grid.ys * ds),
+                (grid.patch_size[0] * ds, grid.patch_size[1] * ds),
+            )
+        else:  # cell (i, j) is one canvas cell
+            (dx, dy), (height, width) = output_downsample, counts.shape
+            starts, size = (np.arange(width) * dx, np.arange(height) * dy), output_downsample
+        thumb, info = slide_thumbnail(grid.path, size=self.thumbnail_size, backend=self.backend)
+        values = array if array.ndim == 2 else array[..., self.channel]
+        image, vmin, vmax = heatmap_overlay(
+            thumb, info, values, np.asarray(counts) > 0, starts=starts, cell_size=size,
+            alpha=self.alpha, vmin=self.vmin, vmax=self.vmax,
+        )  # fmt: skip
+        Image.fromarray(image).save(path)
+        channel = None if array.ndim == 2 else self.channel
+        heatmap = {"channel": channel, "vmin": vmin, "vmax": vmax, "alpha": self.alpha}
+        return heatmap | {"colormap": "viridis", "size": [image.shape[1], image.shape[0]]}
 
     def __repr__(self) -> str:
         return (

@@ -7,6 +7,7 @@ unsaturated; stained tissue is not. Masks are cached per slide in each process.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -16,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, MissingDependencyError
+from ..errors import ConfigError, MissingDependencyError, SlideError
 from .resolution import resample
 from .slide import SlideReader, open_slide
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["TissueDetector", "TissueMask", "render_tissue", "tissue_mask"]
 
@@ -36,6 +39,36 @@ def _skimage() -> Any:
             "tissue masks need scikit-image: pip install 'bigsmall-torch[tissue]'"
         ) from exc
     return skimage
+
+
+def _read_around_damage(
+    reader: SlideReader, top: int, level: int, width: int, rows: int
+) -> np.ndarray:
+    """Rows ``top .. top + rows`` of ``level`` for a thumbnail; where they cannot be read (a damaged
+    tile), piece by piece, the unreadable pieces white (background), with a warning naming the file.
+    Training and inference never see these pixels: they read the slide themselves and skip or raise."""
+    ds = reader.info.level_downsamples[level]
+    try:
+        return reader.read(0, round(top * ds), level, width, rows)
+    except SlideError as exc:
+        first = exc
+    piece = max(64, (reader.info.tile_size or (256, 256))[0])
+    out = np.full((rows, width, 3), 255, dtype=np.uint8)
+    lost = 0
+    for y in range(0, rows, piece):
+        for x in range(0, width, piece):
+            h, w = min(piece, rows - y), min(piece, width - x)
+            try:
+                out[y : y + h, x : x + w] = reader.read(
+                    round(x * ds), round((top + y) * ds), level, w, h
+                )
+            except SlideError:
+                lost += 1
+    logger.warning(
+        "thumbnail of %s: %d piece(s) of %dx%d pixels at level %d cannot be read and are drawn "
+        "white (background): %s", reader.info.path, lost, piece, piece, level, str(first),
+    )  # fmt: skip
+    return out
 
 
 @dataclass(frozen=True)
@@ -100,17 +133,31 @@ class TissueDetector:
     smoothing: int = 2
 
     def __post_init__(self) -> None:
-        if isinstance(self.thumbnail_size, bool) or not isinstance(self.thumbnail_size, int) or self.thumbnail_size < 16:
-            raise ConfigError(f"TissueDetector: thumbnail_size must be an int >= 16, got {self.thumbnail_size!r}")
+        if (
+            isinstance(self.thumbnail_size, bool)
+            or not isinstance(self.thumbnail_size, int)
+            or self.thumbnail_size < 16
+        ):
+            raise ConfigError(
+                f"TissueDetector: thumbnail_size must be an int >= 16, got {self.thumbnail_size!r}"
+            )
         if self.threshold is not None and not 0 <= self.threshold <= 1:
-            raise ConfigError(f"TissueDetector: threshold must be in [0, 1] or None, got {self.threshold!r}")
+            raise ConfigError(
+                f"TissueDetector: threshold must be in [0, 1] or None, got {self.threshold!r}"
+            )
         if not 0 <= self.min_threshold <= self.max_threshold <= 1:
             raise ConfigError(
                 "TissueDetector: need 0 <= min_threshold <= max_threshold <= 1, got "
                 f"{self.min_threshold!r}, {self.max_threshold!r}"
             )
-        if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, int) or self.smoothing < 0:
-            raise ConfigError(f"TissueDetector: smoothing must be an int >= 0, got {self.smoothing!r}")
+        if (
+            isinstance(self.smoothing, bool)
+            or not isinstance(self.smoothing, int)
+            or self.smoothing < 0
+        ):
+            raise ConfigError(
+                f"TissueDetector: smoothing must be an int >= 0, got {self.smoothing!r}"
+            )
 
     def thumbnail(self, reader: SlideReader) -> np.ndarray:
         """An RGB thumbnail whose longest side is at most ``thumbnail_size``."""
@@ -120,15 +167,15 @@ class TissueDetector:
         out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
         # The coarsest level still at least as large as the thumbnail.
         level = max(
-            (i for i, (w, h) in enumerate(info.level_dimensions) if w >= out_w and h >= out_h), default=0
+            (i for i, (w, h) in enumerate(info.level_dimensions) if w >= out_w and h >= out_h),
+            default=0,
         )
         lw, lh = info.level_dimensions[level]
-        ds = info.level_downsamples[level]
         strips = []
         rows_per_strip = max(1, (64 << 20) // (lw * 3))  # read in strips of at most ~64 MiB
         for top in range(0, lh, rows_per_strip):
             rows = min(rows_per_strip, lh - top)
-            strip = reader.read(0, round(top * ds), level, lw, rows)
+            strip = _read_around_damage(reader, top, level, lw, rows)
             strips.append(resample(strip, out_w, max(1, round(rows * out_h / lh))))
         image = np.concatenate(strips, axis=0)
         return resample(image, out_w, out_h)
@@ -157,7 +204,9 @@ _cache: OrderedDict[tuple[Any, ...], TissueMask] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def tissue_mask(slide: SlideReader | str | os.PathLike[str], *, detector: TissueDetector | None = None) -> TissueMask:
+def tissue_mask(
+    slide: SlideReader | str | os.PathLike[str], *, detector: TissueDetector | None = None
+) -> TissueMask:
     """The (cached) tissue mask of a slide, given an open reader or a path."""
     detector = detector or TissueDetector()
     reader = open_slide(slide) if isinstance(slide, (str, os.PathLike)) else slide
