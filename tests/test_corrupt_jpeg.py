@@ -188,7 +188,7 @@ def test_thumbnail_draws_a_damaged_tile_white_and_says_so(
     from bigsmall_torch.visualize import slide_thumbnail
 
     with caplog.at_level("WARNING", logger="bigsmall_torch.io.tissue"):
-        thumb, info = slide_thumbnail(damaged, size=info_size(cmu1))
+        thumb, _ = slide_thumbnail(damaged, size=info_size(cmu1))
     assert "cannot be read and are drawn white" in caplog.text and damaged.name in caplog.text
     good, _ = slide_thumbnail(cmu1, size=info_size(cmu1))
     tile = thumb[ROW * TILE : (ROW + 1) * TILE, COL * TILE : (COL + 1) * TILE]
