@@ -17,6 +17,7 @@ Then the cost of the check: milliseconds per tile of the fast path reading all o
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shutil
 import tempfile
@@ -136,13 +137,18 @@ def cost(paths: Sequence[Path]) -> list[list[str]]:
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = make_parser(__file__, __doc__)
     parser.add_argument("--trials", type=int, default=100, help="damaged tiles per slide and kind")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.trials < 1:
         parser.error("--trials must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         synthetic = Path(tmp) / "synthetic.tiff"
         write_synthetic_slide(synthetic, width=2048, height=2048, tile_size=256, tissue="full", seed=1)

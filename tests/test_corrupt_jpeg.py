@@ -200,3 +200,9 @@ def test_thumbnail_draws_a_damaged_tile_white_and_says_so(
 
 def info_size(path: Path) -> int:
     return max(bst.slide_info(path).dimensions)
+
+
+def test_tissue_mask_of_a_damaged_slide_raises(damaged: Path) -> None:
+    """A tissue mask must not call a damaged region background: it raises like any read."""
+    with pytest.raises(SlideReadError, match="Corrupt JPEG data"):
+        bst.tissue_mask(damaged)

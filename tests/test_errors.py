@@ -16,9 +16,11 @@ from bigsmall_torch.errors import ConfigError, ExtractorError
 
 
 def _dataset(folder: Path, n: int = 2) -> bst.Dataset:
-    return bst.Dataset.from_folder(folder, pattern="*.tiff").subset(range(n)) if hasattr(
-        bst.Dataset, "subset"
-    ) else bst.Dataset("d", bst.Dataset.from_folder(folder, pattern="*.tiff").patients[:n])
+    return (
+        bst.Dataset.from_folder(folder, pattern="*.tiff").subset(range(n))
+        if hasattr(bst.Dataset, "subset")
+        else bst.Dataset("d", bst.Dataset.from_folder(folder, pattern="*.tiff").patients[:n])
+    )
 
 
 def test_empty_record_path_is_refused() -> None:
@@ -48,7 +50,9 @@ class _Collector(SmallChunkCollector):
     def patch_size(self) -> tuple[int, int]:
         return (32, 32)
 
-    def extract_smallchunk(self, call_count: int, bigchunk: BigChunk, ctx: ChunkContext) -> SmallChunk:
+    def extract_smallchunk(
+        self, call_count: int, bigchunk: BigChunk, ctx: ChunkContext
+    ) -> SmallChunk:
         data: Any = bigchunk.data[:32, :32]
         info: dict[str, Any] = {"x": 0}
         if self.mode == "tensor":
@@ -62,12 +66,17 @@ class _Collector(SmallChunkCollector):
 @pytest.mark.parametrize(
     ("mode", "match"),
     [
-        ("tensor", r"data must be a numpy array .* got Tensor \(a torch tensor: return tensor.numpy"),
+        (
+            "tensor",
+            r"data must be a numpy array .* got Tensor \(a torch tensor: return tensor.numpy",
+        ),
         ("image", r"info keys \['image'\] are reserved"),
         ("patient_id", r"info keys \['patient_id'\] are reserved"),
     ],
 )
-def test_collector_mistakes_are_named(slide_folder: Path, mode: str, match: str, batch_size: int | None) -> None:
+def test_collector_mistakes_are_named(
+    slide_folder: Path, mode: str, match: str, batch_size: int | None
+) -> None:
     dataset = bst.BigSmallDataset(
         bst.Dataset.from_folder(slide_folder, pattern="*.tiff"), bst.RandomRegionLoader(size=128),
         _Collector(mode), buffer_size=1, smallchunks_per_bigchunk=2, samples_per_epoch=8,
@@ -78,14 +87,18 @@ def test_collector_mistakes_are_named(slide_folder: Path, mode: str, match: str,
 
 
 def test_buffer_that_cannot_fit_in_memory_is_refused_at_construction(slide_folder: Path) -> None:
-    with pytest.raises(ConfigError, match=r"buffer_size=1000000 .* need .* GiB, but this machine has"):
+    with pytest.raises(
+        ConfigError, match=r"buffer_size=1000000 .* need .* GiB, but this machine has"
+    ):
         bst.BigSmallDataset(
             bst.Dataset.from_folder(slide_folder, pattern="*.tiff"), bst.RandomRegionLoader(size=2048),
             bst.RandomCropCollector(patch_size=224), buffer_size=10**6, smallchunks_per_bigchunk=8,
         )  # fmt: skip
 
 
-def test_memory_check_counts_the_workers(slide_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_memory_check_counts_the_workers(
+    slide_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A configuration that fits one worker but not 64 is refused when the workers start."""
     import bigsmall_torch.dataset as module
 
@@ -101,7 +114,9 @@ def test_memory_check_counts_the_workers(slide_folder: Path, monkeypatch: pytest
         dataset._check_memory(11)
 
 
-def test_two_iterations_in_one_process_do_not_close_slides_under_each_other(slide_folder: Path) -> None:
+def test_two_iterations_in_one_process_do_not_close_slides_under_each_other(
+    slide_folder: Path,
+) -> None:
     dataset = bst.BigSmallDataset(
         bst.Dataset.from_folder(slide_folder, pattern="*.tiff"), bst.RandomRegionLoader(size=256),
         bst.RandomCropCollector(patch_size=64), buffer_size=2, smallchunks_per_bigchunk=4,
@@ -116,3 +131,22 @@ def test_two_iterations_in_one_process_do_not_close_slides_under_each_other(slid
     rest = list(second)  # ...but the second goes on reading them
     assert len(b) + len(rest) == 64
     assert dataset.last_stats.skipped == []
+
+
+def test_errors_survive_pickling_and_torchs_one_argument_rebuild() -> None:
+    import pickle
+
+    from bigsmall_torch.errors import MissingWindowsError, SlideOpenError
+
+    error = SlideOpenError("/data/a.svs", "not a slide", backends=["tiffslide", "openslide"])
+    again = pickle.loads(pickle.dumps(error))
+    assert (type(again), again.path, again.reason, again.backends) == (
+        SlideOpenError, error.path, error.reason, error.backends,
+    )  # fmt: skip
+    rebuilt = SlideOpenError("Caught SlideOpenError in DataLoader worker process 0.\nOriginal ...")
+    assert isinstance(rebuilt, bst.SlideError) and rebuilt.path is None and "worker" in str(rebuilt)
+    missing = MissingWindowsError({"p": [(0, 1)]})
+    twice = pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(missing))))
+    assert str(twice) == str(missing)
+    from_message = MissingWindowsError("windows never received, per patient: 'p': 1")
+    assert str(pickle.loads(pickle.dumps(from_message))) == str(from_message)

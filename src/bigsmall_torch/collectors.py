@@ -52,8 +52,8 @@ class RandomCropCollector(SmallChunkCollector):
             raise ConfigError(f"RandomCropCollector: min_tissue must be a number in [0, 1], got {min_tissue!r}")
         if min_tissue is not None and min_tissue > 0 and not tissue_only:
             warnings.warn(
-                "RandomCropCollector(min_tissue=...) without tissue_only=True is deprecated; pass "
-                "tissue_only=True as well (min_tissue alone still filters, for now)",
+                "RandomCropCollector(min_tissue=...) without tissue_only=True is deprecated: "
+                "tissue_only is switched on for you; pass tissue_only=True as well",
                 DeprecationWarning,
                 stacklevel=2,
             )

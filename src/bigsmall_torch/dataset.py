@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -40,6 +41,15 @@ __all__ = ["BigSmallDataset", "available_memory", "check_resume_topology", "to_s
 _ = (_STATE_VERSION, _loader_workers, ReservoirStats)
 
 logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class _Resuming:
+    """The front end's part of a live iteration: the reservoir state it resumed from (None: the
+    start of the epoch) and, once streaming, the running reservoir."""
+
+    resume: dict[str, Any] | None
+    reservoir: Reservoir | None = None
+
 
 def available_memory() -> int | None:
     """Bytes of memory available to new allocations (Linux ``MemAvailable``; elsewhere the physical
@@ -317,8 +327,11 @@ class BigSmallDataset(StreamingDataset):
         they can be read again), the generators and the scheduler, and the per-patient states.
         Messages and weights sent from the training loop are not saved: send them again."""
         reservoir = None
-        if live is not None and isinstance(live.extra, Reservoir) and not live.finished:
-            reservoir = live.extra.state()
+        if live is not None and isinstance(live.extra, _Resuming) and not live.finished:
+            running = live.extra.reservoir
+            reservoir = running.state() if running is not None else None
+            if reservoir is None:  # not started, or still re-reading the resumed chunks
+                reservoir = live.extra.resume
         return {"reservoir": reservoir, "states": pickle.dumps(self._states)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -328,23 +341,32 @@ class BigSmallDataset(StreamingDataset):
         self._epoch[0] = int(state["epoch"])
 
     def __iter__(self) -> Iterator[Any]:
+        # Not a generator: the iteration's state exists as soon as iter() returns, because
+        # torchdata's StatefulDataLoader calls state_dict() right after iter() in each worker.
         self._check_epoch_split()
         topo, live, pending = self._begin()
         resume: dict[str, Any] | None = None
         if pending is not None:
             self._states = pickle.loads(pending["states"])  # our own checkpoint
             resume = pending["reservoir"]
+        live.extra = _Resuming(resume)
         quota = self.shard_quota(topo)
         if quota is not None:
             quota -= live.yielded
         if (quota is not None and quota <= 0) or live.finished:
             live.finished = True
-            return
-        if self._memory_checked != os.getpid():  # once per process: later epochs reuse the memory
+            return iter(())
+        if self._memory_checked != os.getpid() and topo.worker == 0:
+            # Once, in the first worker (the others start with it): later epochs reuse the memory.
             self._memory_checked = os.getpid()
             self._check_memory(topo.num_workers)
+        return self._stream(topo, live, quota, resume)
+
+    def _stream(
+        self, topo: Topology, live: Live, quota: int | None, resume: dict[str, Any] | None
+    ) -> Iterator[Any]:
         reservoir = self.make_reservoir(topo, epoch=live.epoch)
-        live.extra = reservoir
+        live.extra = _Resuming(resume, reservoir)
         live.skipped = reservoir.stats.skipped
         self.last_stats = reservoir.stats
         self.slides.acquire()

@@ -74,7 +74,7 @@ class MissingWindowsError(BigSmallError, RuntimeError):
         super().__init__(f"windows never received, per patient: {', '.join(parts)}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.missing,))
+        return (type(self), (self.missing or str(self),))
 
 
 class SlideError(BigSmallError):

@@ -395,8 +395,9 @@ def _alive(pid: int) -> bool:
 def _forget_exited() -> None:
     """Unmap the rings of workers that have exited (their batches still alive keep their own slots)."""
     with _MAPPED_LOCK:
-        for token in [t for t, m in _MAPPED.items() if not _alive(m.pid)]:
-            del _MAPPED[token]
+        for token, mapped in list(_MAPPED.items()):  # a finalizer may change it meanwhile
+            if not _alive(mapped.pid):
+                _MAPPED.pop(token, None)
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:

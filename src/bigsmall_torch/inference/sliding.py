@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -259,6 +260,13 @@ class SlidingWindowDataset(StreamingDataset):
         self._blocks = [b for i, g in enumerate(self.grids) for b in self._slide_blocks(i, g)]
         sizes = np.array([len(b.cells) for b in self._blocks], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
+        digest = hashlib.sha1(self._offsets.tobytes(), usedforsecurity=False)
+        for grid in self.grids:
+            geometry = (grid.patch_size, grid.stride, grid.choice.level, grid.choice.downsample)
+            digest.update(repr(geometry).encode() + grid.xs.tobytes() + grid.ys.tobytes())
+        for block in self._blocks:
+            digest.update(block.slide.to_bytes(8, "little") + block.cells.tobytes())
+        self._layout = digest.hexdigest()[:16]  # the window order, for resume checks
         #: ``(patient_id, row, col)`` of the windows ``on_error="skip"`` lost in this process's
         #: latest iteration (a DataLoader worker's own copy when ``num_workers > 0``).
         self.last_skipped: list[tuple[Any, int, int]] = []
@@ -471,7 +479,9 @@ class SlidingWindowDataset(StreamingDataset):
     # -- the stream (the core does state, output and topology) ---------------------------------
 
     def _identity(self) -> dict[str, Any]:
-        return {"total_windows": self.total_windows}
+        """The windows and their order: a state saved over another grid (patch size, stride,
+        resolution, tissue filter, block size) is refused even when the totals agree."""
+        return {"total_windows": self.total_windows, "layout": self._layout}
 
     def _extra_state(self, live: Live | None) -> dict[str, Any]:
         """``skipped``: the windows of the worker's range that ``on_error="skip"`` lost before
@@ -482,11 +492,15 @@ class SlidingWindowDataset(StreamingDataset):
         return {"skipped": span.resumed_skips + bisect.bisect_left(self._skipped_at, span.first + live.position)}
 
     def __iter__(self) -> Iterator[Any]:
+        # Not a generator: the iteration's state exists as soon as iter() returns (torchdata's
+        # StatefulDataLoader calls state_dict() right after iter() in each worker).
         topo, live, pending = self._begin()
         first, stop = self.worker_range(topo.rank, topo.world_size, topo.worker, topo.num_workers)
         live.extra = _Range(first, 0 if pending is None else int(pending.get("skipped", 0)))
         self.last_skipped, self._skipped_at = [], []
-        start = min(first + live.position, stop)
+        return self._stream(min(first + live.position, stop), stop, first, live)
+
+    def _stream(self, start: int, stop: int, first: int, live: Live) -> Iterator[Any]:
         self.slides.acquire()
         try:
             yield from self._output(self._positioned(start, stop, first, live), live, None)

@@ -382,13 +382,17 @@ class SlideCache:
             self._users += 1
 
     def release(self) -> None:
-        """One user fewer; the last one out closes every open reader."""
+        """One user fewer; the last one out closes every open reader (taken from the cache under
+        the lock, so a user arriving meanwhile opens its own)."""
         with self._lock:
             self._own()
             self._users = max(0, self._users - 1)
             if self._users:
                 return
-        self.close()
+            readers = list(self._open.values())
+            self._open.clear()
+        for reader in readers:
+            reader.close()
 
     def get(self, path: str | os.PathLike[str]) -> SlideReader:
         """The open reader of ``path``, opening it (and closing the least recently used) if needed."""

@@ -44,9 +44,9 @@ def _skimage() -> Any:
 def _read_around_damage(
     reader: SlideReader, top: int, level: int, width: int, rows: int
 ) -> np.ndarray:
-    """Rows ``top .. top + rows`` of ``level`` for a thumbnail; where they cannot be read (a damaged
-    tile), piece by piece, the unreadable pieces white (background), with a warning naming the file.
-    Training and inference never see these pixels: they read the slide themselves and skip or raise."""
+    """Rows ``top .. top + rows`` of ``level`` for a picture's thumbnail; where they cannot be read
+    (a damaged tile), piece by piece, the unreadable pieces white, with a warning naming the file.
+    Only pictures use it: tissue masks, training and inference raise or skip instead."""
     ds = reader.info.level_downsamples[level]
     try:
         return reader.read(0, round(top * ds), level, width, rows)
@@ -159,8 +159,12 @@ class TissueDetector:
                 f"TissueDetector: smoothing must be an int >= 0, got {self.smoothing!r}"
             )
 
-    def thumbnail(self, reader: SlideReader) -> np.ndarray:
-        """An RGB thumbnail whose longest side is at most ``thumbnail_size``."""
+    def thumbnail(self, reader: SlideReader, *, around_damage: bool = False) -> np.ndarray:
+        """An RGB thumbnail whose longest side is at most ``thumbnail_size``.
+
+        A damaged tile raises :class:`~bigsmall_torch.SlideReadError` (a tissue mask must not call
+        a damaged region background); ``around_damage=True``, for pictures only, draws the pieces
+        that cannot be read white and logs a warning naming the file."""
         info = reader.info
         width, height = info.dimensions
         scale = min(1.0, self.thumbnail_size / max(width, height))
@@ -175,7 +179,11 @@ class TissueDetector:
         rows_per_strip = max(1, (64 << 20) // (lw * 3))  # read in strips of at most ~64 MiB
         for top in range(0, lh, rows_per_strip):
             rows = min(rows_per_strip, lh - top)
-            strip = _read_around_damage(reader, top, level, lw, rows)
+            strip = (
+                _read_around_damage(reader, top, level, lw, rows)
+                if around_damage
+                else reader.read(0, round(top * info.level_downsamples[level]), level, lw, rows)
+            )
             strips.append(resample(strip, out_w, max(1, round(rows * out_h / lh))))
         image = np.concatenate(strips, axis=0)
         return resample(image, out_w, out_h)

@@ -108,10 +108,12 @@ def slide_thumbnail(
     size: int = 1024,
     backend: str | Backend = "auto",
 ) -> tuple[np.ndarray, SlideInfo]:
-    """The RGB thumbnail (longest side at most ``size``) of a slide, and the slide's info."""
+    """The RGB thumbnail (longest side at most ``size``) of a slide, and the slide's info. Pieces
+    that cannot be read (a damaged tile) are drawn white, with a warning naming the file."""
     reader = open_slide(slide, backend=backend) if isinstance(slide, (str, os.PathLike)) else slide
     try:
-        return TissueDetector(thumbnail_size=size).thumbnail(reader), reader.info
+        detector = TissueDetector(thumbnail_size=size)
+        return detector.thumbnail(reader, around_damage=True), reader.info
     finally:
         if reader is not slide:
             reader.close()

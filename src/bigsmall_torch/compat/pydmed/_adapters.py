@@ -7,7 +7,7 @@ import random
 import weakref
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -195,8 +195,8 @@ class _LightDLStream(BigSmallDataset):
         self._open: weakref.WeakSet[Generator[SmallChunk, None, None]] = weakref.WeakSet()
 
     def __iter__(self) -> Iterator[Any]:
-        stream = cast("Generator[SmallChunk, None, None]", super().__iter__())
-        if torch.utils.data.get_worker_info() is None:
+        stream = super().__iter__()
+        if torch.utils.data.get_worker_info() is None and isinstance(stream, Generator):
             self._open.add(stream)  # closed by close_streams (num_workers=0)
         return stream
 
