@@ -150,3 +150,19 @@ def test_errors_survive_pickling_and_torchs_one_argument_rebuild() -> None:
     assert str(twice) == str(missing)
     from_message = MissingWindowsError("windows never received, per patient: 'p': 1")
     assert str(pickle.loads(pickle.dumps(from_message))) == str(from_message)
+
+
+def test_slide_cache_closes_readers_only_when_its_last_user_leaves(slide_folder: Path) -> None:
+    """The mechanism under the test above: a reader taken by one iteration stays open while
+    another iteration of the same dataset still uses the cache."""
+    cache = bst.SlideCache(4)
+    path = sorted(slide_folder.glob("*.tiff"))[0]
+    cache.acquire()
+    cache.acquire()
+    decoder = cache.get(path)._decoder(0)  # type: ignore[attr-defined]  # what a read in flight holds
+    cache.release()  # the first iteration ends
+    assert decoder.read(0, 0, 64, 64).shape == (64, 64, 3)  # the second still reads with it
+    cache.release()  # the last one out closes
+    assert len(cache) == 0
+    with pytest.raises(bst.SlideReadError, match="closed"):
+        decoder.read(0, 0, 64, 64)
