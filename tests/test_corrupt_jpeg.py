@@ -206,3 +206,14 @@ def test_tissue_mask_of_a_damaged_slide_raises(damaged: Path) -> None:
     """A tissue mask must not call a damaged region background: it raises like any read."""
     with pytest.raises(SlideReadError, match="Corrupt JPEG data"):
         bst.tissue_mask(damaged)
+
+
+def test_a_dataset_can_turn_the_check_off(damaged: Path) -> None:
+    """``ds.slides.strict = False`` (documented in docs/tuning.md) reaches the readers it opens."""
+    loader = bst.RandomRegionLoader(size=3 * TILE)
+    dataset = bst.BigSmallDataset(
+        _dataset(damaged), loader, bst.RandomCropCollector(TILE), buffer_size=1,
+        smallchunks_per_bigchunk=8, samples_per_epoch=64, seed=0,
+    )  # fmt: skip
+    dataset.slides.strict = False
+    assert len(list(dataset)) == 64  # lenient: no error (and made-up pixels where damaged)
