@@ -21,6 +21,7 @@ are shared between tests (:class:`Runner`), so the suite stays small:
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import multiprocessing.resource_tracker
 import os
@@ -206,9 +207,33 @@ def run_epoch(
                 os.kill(it._workers[0].pid, signal.SIGKILL)  # type: ignore[attr-defined]
     except Exception as exc:
         run.error, run.message = type(exc), str(exc)
-    del it, loader, ds, batch
-    run.leaks = before.left_over(pids)
+    # A worker killed while torch's DataLoader shuts down makes torch's SIGCHLD handler raise inside
+    # the iterator's __del__; pytest's unraisable-exception hook would keep that exception, and with
+    # its traceback the iterator and its pipes, until the test ends. Keep only its type here, so
+    # what is measured is what the package and torch leave, not what pytest holds on to.
+    hook, sys.unraisablehook = sys.unraisablehook, _note_unraisable
+    try:
+        del it, loader, ds, batch
+        run.leaks = before.left_over(pids)
+    finally:
+        sys.unraisablehook = hook
     return run
+
+
+def _rings_unmapped(wait_s: float = RELEASE_S) -> bool:
+    from bigsmall_torch._engine import batch_ring
+
+    deadline = time.monotonic() + wait_s
+    while batch_ring._MAPPED and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    return not batch_ring._MAPPED
+
+
+def _note_unraisable(unraisable: Any) -> None:
+    logging.getLogger(__name__).debug(
+        "ignored in %r: %s", unraisable.object, unraisable.exc_type.__name__
+    )
 
 
 class Runner:
@@ -420,8 +445,15 @@ def test_killed_worker_is_an_error_not_a_hang(runner: Runner, case: str) -> None
     assert run.error is not None, "the epoch ended normally after a worker was killed"
     assert "timed out" not in run.message, run.message  # found by the loader, not by its timeout
     # torch's own report, or, when the main process was fetching a tensor's shared memory from
-    # the worker as it died (the file_descriptor sharing strategy), the broken connection.
+    # the worker as it died (the file_descriptor sharing strategy), the broken connection or pipe.
     assert re.search(r"worker.*(killed|exited unexpectedly)", run.message) or (
-        run.error is not None and issubclass(run.error, ConnectionError)
+        run.error is not None and issubclass(run.error, (ConnectionError, EOFError))
     ), (run.error, run.message)
-    assert run.leaks == {}, "left behind after the loader was deleted"
+    # What the package owns is gone: its threads, its files, and the batch slots it mapped (the
+    # reaper unmaps a dead worker's ring). A worker killed in the middle of sending a tensor can
+    # leave that transfer's shared memory (torch's, created by the dead worker and never handed
+    # over), so descriptors and torch_* segments are not asserted here; test_one_epoch and
+    # test_slide_deleted_after_construction assert them where no worker dies mid-transfer.
+    assert "threads" not in run.leaks, run.leaks
+    assert not [name for name in run.leaks.get("shm", []) if name.startswith("bigsmall")], run.leaks
+    assert _rings_unmapped(), "the killed worker's batch slots are still mapped"
