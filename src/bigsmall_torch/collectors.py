@@ -8,6 +8,7 @@ import warnings
 from ._validate import positive_int, renamed, size_pair
 from .chunks import BigChunk, ChunkContext, SmallChunk, SmallChunkCollector
 from .errors import ConfigError
+from .io.resolution import to_level0
 from .io.tissue import TissueDetector, _skimage, tissue_mask
 
 __all__ = ["RandomCropCollector"]
@@ -95,9 +96,12 @@ class RandomCropCollector(SmallChunkCollector):
                 break
         else:
             return None  # mostly background after max_tries: move on to another big chunk
+        # The chunk's origin in its level's pixels (its level-0 x maps back to it), plus the crop's
+        # offset, reported as the level-0 coordinate that maps back to the crop's first pixel.
+        ox, oy = int(info.get("x", 0) / ds), int(info.get("y", 0) / ds)
         sample_info = {
-            "x": info.get("x", 0) + round(cx * ds),
-            "y": info.get("y", 0) + round(cy * ds),
+            "x": to_level0(ox + cx, ds),
+            "y": to_level0(oy + cy, ds),
             "level": info.get("level", 0),
             "mpp": info.get("mpp", math.nan),
         }

@@ -8,7 +8,7 @@ from ._validate import size_pair
 from .chunks import BigChunk, BigChunkLoader, ChunkContext, channel_planar
 from .data import Patient
 from .errors import ConfigError
-from .io.resolution import DEFAULT_TOLERANCE, LevelChoice, Resolution, extent, read_at
+from .io.resolution import DEFAULT_TOLERANCE, LevelChoice, Resolution, extent, read_at, to_level0
 from .io.slide import SlideCache, SlideInfo, SlideReader
 from .io.tissue import TissueDetector, _skimage, tissue_mask
 
@@ -185,7 +185,7 @@ class RandomRegionLoader(BigChunkLoader):
             xs, ys = self._allowed_origins(info, (bx, by, bw, bh), (w, h))
             ox = int(xs[ctx.rng.integers(len(xs))])
             oy = int(ys[ctx.rng.integers(len(ys))])
-        x0, y0 = round(ox * choice.downsample), round(oy * choice.downsample)
+        x0, y0 = to_level0(ox, choice.downsample), to_level0(oy, choice.downsample)
         data = read_at(reader, choice, ox, oy, w, h)
         chunk_info = {
             "x": x0,

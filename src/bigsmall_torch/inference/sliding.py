@@ -32,7 +32,14 @@ from .._validate import choice, positive_int, size_pair
 from ..chunks import SmallChunk, channel_planar
 from ..data import Dataset, Patient
 from ..errors import ConfigError, SlideError, SlideOpenError
-from ..io.resolution import DEFAULT_TOLERANCE, LevelChoice, Resolution, extent, read_at
+from ..io.resolution import (
+    DEFAULT_TOLERANCE,
+    LevelChoice,
+    Resolution,
+    extent,
+    read_at,
+    to_level0,
+)
 from ..io.slide import Backend, SlideCache
 from ..io.tissue import TissueDetector, _skimage, tissue_mask
 
@@ -113,7 +120,7 @@ class Grid:
     def level0(self, row: int, col: int) -> tuple[int, int]:
         """Level-0 ``(x, y)`` of the window at ``(row, col)``."""
         ds = self.choice.downsample
-        return round(int(self.xs[col]) * ds), round(int(self.ys[row]) * ds)
+        return to_level0(int(self.xs[col]), ds), to_level0(int(self.ys[row]), ds)
 
     def geometry(self) -> dict[str, Any]:
         """A JSON-ready description, to map grid cells back to slide coordinates."""
@@ -128,8 +135,8 @@ class Grid:
             "extent": list(self.extent),
             "rows": self.rows,
             "cols": self.cols,
-            "x0": [round(int(x) * self.choice.downsample) for x in self.xs],
-            "y0": [round(int(y) * self.choice.downsample) for y in self.ys],
+            "x0": [to_level0(int(x), self.choice.downsample) for x in self.xs],
+            "y0": [to_level0(int(y), self.choice.downsample) for y in self.ys],
         }
 
 
@@ -460,8 +467,8 @@ class SlidingWindowDataset(StreamingDataset):
         pw, ph = grid.patch_size
         mpp = grid.choice.mpp
         block_info = {
-            "x": round(x0 * grid.choice.downsample),
-            "y": round(y0 * grid.choice.downsample),
+            "x": to_level0(x0, grid.choice.downsample),
+            "y": to_level0(y0, grid.choice.downsample),
         }
         for row, col in cells:
             cx, cy = int(grid.xs[col]) - x0, int(grid.ys[row]) - y0

@@ -125,6 +125,21 @@ class Resolution:
         return LevelChoice(level, target, target / ds, base_mpp * target)
 
 
+def to_level0(position: int, downsample: float) -> int:
+    """The level-0 coordinate reported for pixel ``position`` of a level (or resolution) whose
+    downsample is ``downsample``: the smallest level-0 coordinate that maps back to that pixel under
+    the floor convention of tiffslide and of this package's readers, ``int(x0 / downsample)``.
+
+    With a whole downsample this is ``position * downsample``; with a fractional one (a level of
+    2.0005, say) plain rounding can land one pixel short, so that re-reading at the reported
+    coordinate starts a pixel away from the patch.
+    """
+    x0 = math.floor(position * downsample)
+    while int(x0 / downsample) < position:
+        x0 += 1
+    return x0
+
+
 def extent(info: SlideInfo, choice: LevelChoice) -> tuple[int, int]:
     """``(width, height)`` of a slide in pixels of the chosen resolution."""
     if not choice.resampled:
@@ -138,7 +153,7 @@ def read_at(reader: SlideReader, choice: LevelChoice, x: int, y: int, width: int
     Read from ``choice.level`` and resampled when the level's scale differs from the asked one. The
     region must lie inside :func:`extent`.
     """
-    x0, y0 = round(x * choice.downsample), round(y * choice.downsample)
+    x0, y0 = to_level0(x, choice.downsample), to_level0(y, choice.downsample)
     if not choice.resampled:
         return reader.read(x0, y0, choice.level, width, height, planar=True)
     info = reader.info
