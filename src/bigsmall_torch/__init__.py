@@ -27,6 +27,7 @@ from .errors import (
     StitcherClosedError,
     StitchError,
     StreamError,
+    UnusableSlidesError,
 )
 from .inference.sliding import Edge, Grid, SlidingWindowDataset
 from .inference.stitching import Stitcher, StitchMode, StitchResult
@@ -92,6 +93,7 @@ __all__ = [
     "TissueDetector",
     "TissueMask",
     "Topology",
+    "UnusableSlidesError",
     "WeightedScheduler",
     "open_slide",
     "render_sampling",

@@ -31,7 +31,7 @@ from ._engine.streaming import (
 from ._validate import positive_int
 from .chunks import BigChunkLoader, SmallChunkCollector
 from .data import Dataset
-from .errors import ConfigError
+from .errors import ConfigError, SlideError
 from .io.slide import Backend, SlideCache
 from .schedulers import LabelBalancedScheduler, LeastVisitedScheduler, Scheduler
 
@@ -209,10 +209,31 @@ class BigSmallDataset(StreamingDataset):
             )
 
     def _validate_patients(self) -> None:
-        slides = SlideCache(4, backend=self.slides.backend)
+        """Check every patient's slide (in threads) and apply ``on_error``: a slide that cannot be
+        opened, lacks the asked resolution, or is smaller than the patch is left out with
+        ``"skip"`` (listed in :attr:`skipped`), or raised with ``"raise"`` (several at once: one
+        :class:`~bigsmall_torch.UnusableSlidesError` naming them all). A slide smaller than the big chunk
+        is fine: its chunks are clipped to it."""
+        slides = SlideCache(16, backend=self.slides.backend, decode_threads=1)
+        patch = self.collector.patch_size
+        extent = getattr(self.loader, "extent", None)
+        record_key = getattr(self.loader, "record_key", "wsi")
+
+        def check(patient: Any) -> None:
+            self.loader.validate(patient, slides)
+            if patch is None or extent is None:
+                return
+            info = slides.get(patient.record(record_key).path).info
+            width, height = extent(info)
+            if patch[0] > width or patch[1] > height:
+                raise SlideError(
+                    info.path,
+                    f"is {width}x{height} pixels at the asked resolution, smaller than the "
+                    f"{patch[0]}x{patch[1]} patch",
+                )
+
         try:
-            for patient in self.dataset.patients:
-                self.loader.validate(patient, slides)
+            self.dataset = self._refuse_bad_patients(self.dataset, check)
         finally:
             slides.close()
 

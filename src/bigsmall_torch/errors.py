@@ -24,6 +24,7 @@ __all__ = [
     "StitchError",
     "StitcherClosedError",
     "StreamError",
+    "UnusableSlidesError",
 ]
 
 
@@ -120,3 +121,15 @@ class SlideOpenError(SlideError, OSError):
 
 class SlideReadError(SlideError, OSError):
     """Reading a region of an opened slide failed."""
+
+
+class UnusableSlidesError(DatasetError, SlideError):
+    """Several slides of a dataset cannot be used (``on_error="raise"`` at construction): the
+    message names every one; ``errors`` maps patient id -> that slide's own error."""
+
+    def __init__(self, message: str, errors: dict[Any, BaseException] | None = None) -> None:
+        SlideError.__init__(self, message)
+        self.errors = dict(errors or {})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reason, self.errors))

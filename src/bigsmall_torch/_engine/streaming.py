@@ -24,6 +24,8 @@ more state, :meth:`_identity` and :meth:`_extra_state`.
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -35,7 +37,8 @@ from torch.utils.data import IterableDataset
 
 from .._validate import choice, optional_callable, positive_int
 from ..chunks import SmallChunk, image_array
-from ..errors import ConfigError
+from ..data import Dataset, Patient
+from ..errors import ConfigError, DatasetError, SlideError, UnusableSlidesError
 from ..io.slide import Backend, SlideCache
 from .batch_ring import InlineDict, apply_transform
 from .batching import BatchBuilder
@@ -43,6 +46,17 @@ from .reservoir import OnError, ReservoirStats
 from .sharding import Topology, current_topology, distributed_rank_and_world
 
 __all__ = ["STATE_VERSION", "Live", "StreamingDataset", "check_resume_topology", "to_sample"]
+
+logger = logging.getLogger(__name__)
+
+
+def _outcome(check: Callable[[Patient], None], patient: Patient) -> BaseException | None:
+    """None when ``check(patient)`` passes; the per-slide error it raised otherwise."""
+    try:
+        check(patient)
+    except SlideError as exc:
+        return exc
+    return None
 
 #: Version of the state schema of :meth:`StreamingDataset.state_dict`.
 STATE_VERSION = 2
@@ -135,6 +149,7 @@ class StreamingDataset(IterableDataset[Any]):
         self.rank, self.world_size = distributed_rank_and_world(rank, world_size)
         self._live: Live | None = None
         self._pending: dict[str, Any] | None = None
+        self._refused: dict[Any, str] = {}  # patients left out at construction (on_error="skip")
         self.last_stats = ReservoirStats()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -226,11 +241,54 @@ class StreamingDataset(IterableDataset[Any]):
         return topo, live, pending
 
     @property
-    def skipped(self) -> list[tuple[str, str]]:
-        """What ``on_error="skip"`` skipped in this process's latest iteration: ``(what, reason)``
-        pairs (a slide's path, or a patient and the windows lost)."""
+    def skipped(self) -> dict[Any, str]:
+        """What ``on_error="skip"`` left out, with a one-line reason each: the patients refused at
+        construction (patient id -> reason), and what the latest iteration in this process skipped
+        while streaming (a slide's path, or a window as ``"patient 'x' window (row r, col c)"``).
+        With DataLoader workers the streaming part lives in each worker (logged there as warnings,
+        counted in ``state_dict()``); the construction part is the same everywhere."""
+        report = dict(self._refused)
         live = self._live
-        return [] if live is None else list(live.skipped)
+        if live is not None:
+            report.update(live.skipped)
+        return report
+
+    def _refuse_bad_patients(self, dataset: Dataset, check: Callable[[Patient], None]) -> Dataset:
+        """Run ``check`` on every patient (threads: slide headers are I/O) and apply ``on_error``:
+        ``"raise"``: one bad patient raises its own error, several an
+        :class:`~bigsmall_torch.UnusableSlidesError` naming every one; ``"skip"``: the dataset without
+        them, each listed in :attr:`skipped`, and one warning. Other exceptions propagate."""
+        patients = list(dataset.patients)
+        with concurrent.futures.ThreadPoolExecutor(
+            min(8, len(patients)), thread_name_prefix="bigsmall-check"
+        ) as pool:
+            outcomes = list(pool.map(lambda p: _outcome(check, p), patients))
+        bad = {p.id: exc for p, exc in zip(patients, outcomes, strict=True) if exc is not None}
+        if not bad:
+            return dataset
+        first = next(iter(bad.values()))
+        if self.on_error is OnError.RAISE:
+            if len(bad) == 1:
+                raise first
+            lines = "; ".join(f"{pid!r}: {exc}" for pid, exc in bad.items())
+            raise UnusableSlidesError(
+                f"{self.kind}: {len(bad)} of {len(patients)} slides cannot be used "
+                f"(on_error='skip' would leave them out): {lines}",
+                bad,
+            ) from first
+        good = [p for p in patients if p.id not in bad]
+        if not good:
+            raise DatasetError(
+                f"{self.kind}: every one of the {len(patients)} slides was skipped: "
+                + "; ".join(f"{pid!r}: {exc}" for pid, exc in list(bad.items())[:5])
+            )
+        self._refused = {pid: str(exc) for pid, exc in bad.items()}
+        names = ", ".join(repr(pid) for pid in list(bad)[:5])
+        logger.warning(
+            "%s: skipping %d of %d slides that cannot be used (%s%s); see .skipped for the reasons",
+            self.kind, len(bad), len(patients), names, ", ..." if len(bad) > 5 else "",
+        )  # fmt: skip
+        return Dataset(dataset.name, good)
 
     # -- output ----------------------------------------------------------------------------------
 

@@ -282,35 +282,41 @@ class SlidingWindowDataset(StreamingDataset):
     # -- the grid --------------------------------------------------------------------------------
 
     def _make_grids(self) -> list[Grid]:
-        grids = []
-        probe = SlideCache(4, backend=self.slides.backend)
+        """The grid of every slide, built in threads; a slide that cannot be opened, lacks the
+        asked resolution or is smaller than the patch (without ``edge="pad"``) follows ``on_error``
+        (see :meth:`~bigsmall_torch._engine.streaming.StreamingDataset._refuse_bad_patients`)."""
+        probe = SlideCache(16, backend=self.slides.backend, decode_threads=1)
+        grids: dict[Any, Grid] = {}
         try:
-            for patient in self.dataset.patients:
-                reader = probe.get(patient.record(self.record_key).path)
-                choice = self.resolution.choose(reader.info)
-                width, height = extent(reader.info, choice)
-                (pw, ph), (sx, sy) = self.patch_size, self.stride
-                if self.edge is not Edge.PAD and (pw > width or ph > height):
-                    raise ConfigError(
-                        f"SlidingWindowDataset: patch_size={pw}x{ph} is larger than {reader.info.path} at "
-                        f"{self.resolution.describe()} ({width}x{height}); use edge='pad' or a smaller patch"
-                    )
-                xs, ys = _positions(width, pw, sx, self.edge), _positions(height, ph, sy, self.edge)
-                include = np.ones((len(ys), len(xs)), dtype=bool)
-                if self.tissue_only:
-                    mask = tissue_mask(reader, detector=self.tissue_detector)
-                    ds = choice.downsample
-                    for r, y in enumerate(ys):
-                        for c, x in enumerate(xs):
-                            include[r, c] = (
-                                mask.fraction_in(x * ds, y * ds, pw * ds, ph * ds)
-                                >= self.min_tissue
-                            )
-                grids.append(Grid(patient.id, str(reader.info.path), choice, (pw, ph), (sx, sy),
-                                  (width, height), xs, ys, include))  # fmt: skip
+            def build(patient: Patient) -> None:
+                grids[patient.id] = self._grid(patient, probe)
+
+            self.dataset = self._refuse_bad_patients(self.dataset, build)
         finally:
             probe.close()
-        return grids
+        return [grids[patient.id] for patient in self.dataset.patients]
+
+    def _grid(self, patient: Patient, slides: SlideCache) -> Grid:
+        reader = slides.get(patient.record(self.record_key).path)
+        choice = self.resolution.choose(reader.info)
+        width, height = extent(reader.info, choice)
+        (pw, ph), (sx, sy) = self.patch_size, self.stride
+        if self.edge is not Edge.PAD and (pw > width or ph > height):
+            raise SlideError(
+                reader.info.path,
+                f"is {width}x{height} pixels at {self.resolution.describe()}, smaller than "
+                f"patch_size={pw}x{ph}; use edge='pad' or a smaller patch",
+            )
+        xs, ys = _positions(width, pw, sx, self.edge), _positions(height, ph, sy, self.edge)
+        include = np.ones((len(ys), len(xs)), dtype=bool)
+        if self.tissue_only:
+            mask = tissue_mask(reader, detector=self.tissue_detector)
+            ds = choice.downsample
+            for r, y in enumerate(ys):
+                for c, x in enumerate(xs):
+                    include[r, c] = mask.fraction_in(x * ds, y * ds, pw * ds, ph * ds) >= self.min_tissue
+        return Grid(patient.id, str(reader.info.path), choice, (pw, ph), (sx, sy),
+                    (width, height), xs, ys, include)  # fmt: skip
 
     def _slide_blocks(self, slide: int, grid: Grid) -> list[_Block]:
         (pw, ph), (sx, sy) = grid.patch_size, grid.stride
