@@ -129,3 +129,17 @@ def test_a_slide_smaller_than_the_chunk_gives_clipped_chunks(cohort: Path) -> No
     )
     sizes = {(int(s["chunk_width"]), int(s["chunk_height"])) for s in dataset}
     assert sizes == {(384, 256)}
+
+
+def test_from_folder_names_both_files_of_a_clashing_id(cohort: Path, tmp_path: Path) -> None:
+    shutil.copy(cohort / "a_good.tiff", tmp_path / "boxes.tiff")
+    shutil.copy(cohort / "a_good.tiff", tmp_path / "boxes.svs")
+    shutil.copy(cohort / "b_good.tiff", tmp_path / "other.tiff")
+    with pytest.raises(
+        bst.DatasetError, match=r"'boxes': boxes\.svs, boxes\.tiff; narrow pattern='\*'"
+    ):
+        bst.Dataset.from_folder(tmp_path, pattern="*")
+    assert [p.id for p in bst.Dataset.from_folder(tmp_path, pattern="*.tiff").patients] == [
+        "boxes",
+        "other",
+    ]

@@ -165,13 +165,17 @@ class Dataset:
                 f"Dataset.from_folder: no file matches pattern {pattern!r} in {str(folder)!r}"
                 f"{' (recursive)' if recursive else ''}"
             )
-        patients = [
-            Patient(
-                str(path.relative_to(folder).with_suffix("")),
-                {record_key: Record(path)},
+        ids = [str(path.relative_to(folder).with_suffix("")) for path in files]
+        by_id: dict[str, list[str]] = {}
+        for patient_id, path in zip(ids, files, strict=True):
+            by_id.setdefault(patient_id, []).append(str(path.relative_to(folder)))
+        clashes = [f"{i!r}: {', '.join(names)}" for i, names in by_id.items() if len(names) > 1]
+        if clashes:
+            raise DatasetError(
+                f"Dataset.from_folder: files in {str(folder)!r} share a patient id (ids are paths "
+                f"without the suffix): {'; '.join(clashes)}; narrow pattern={pattern!r} or rename them"
             )
-            for path in files
-        ]
+        patients = [Patient(i, {record_key: Record(path)}) for i, path in zip(ids, files, strict=True)]
         return cls(name if name is not None else folder.resolve().name, patients)
 
     @classmethod
