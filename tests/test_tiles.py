@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import shutil
 from collections.abc import Iterator
@@ -246,3 +247,21 @@ def test_works_after_fork(odd_slide: Path) -> None:
         assert isinstance(got, np.ndarray), got
         np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(decoder.read(*region), want)  # the parent still reads
+
+
+def test_tiles_come_from_the_file_the_offsets_were_read_from(
+    odd_slide: Path, tmp_path: Path
+) -> None:
+    """A slide replaced (``os.replace``) after it was opened: the decoder reads the tiles of the
+    file whose tile offsets it holds, not whatever file the path names now."""
+    path = tmp_path / "moving.tiff"
+    shutil.copy(odd_slide, path)
+    other = tmp_path / "other.tiff"
+    write_synthetic_slide(other, width=WIDTH, height=HEIGHT, tile_size=TILE, tissue="blobs", seed=9)
+    with tifffile.TiffFile(path) as tif:
+        decoder = TileDecoder.for_level(tif, tif.series[0].levels[0].keyframe, path=path)
+    assert decoder is not None
+    os.replace(other, path)
+    with decoder:
+        got = decoder.read(100, 37, 700, 555)
+    np.testing.assert_array_equal(got, _reference(odd_slide, 0, (100, 37, 700, 555))[0])

@@ -71,6 +71,7 @@ class TileDecoder:
         nodata: int = 0,
         threads: int = 4,
         strict: bool = True,
+        fd: int | None = None,
     ) -> None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"TileDecoder: threads must be an int >= 1, got {threads!r}")
@@ -97,7 +98,10 @@ class TileDecoder:
         # a whole JPEG stream, the tables' segments (without their EOI) before the tile (without SOI).
         self._prefix = jpegtables[:-2] if jpegtables else b""
         self._lock = threading.Lock()
-        self._fd: int | None = None
+        # The file descriptor of this process, owned by the decoder: ``fd`` (a duplicate of the
+        # descriptor the offsets were read through, so tiles come from the same file even if the
+        # path is replaced meanwhile) or opened by path on first use (after fork or unpickling).
+        self._fd: int | None = fd
         self._pool: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
         self._closed = False
@@ -151,6 +155,7 @@ class TileDecoder:
             nodata=fill,
             threads=threads,
             strict=strict,
+            fd=_duplicate(tif),
         )
 
     def read(self, x: int, y: int, width: int, height: int, *, planar: bool = False) -> np.ndarray:
@@ -352,6 +357,16 @@ class TileDecoder:
             oy1, ox1 = min(top + th - y, height), min(left + tw - x, width)
             ty0, tx0 = oy0 + y - top, ox0 + x - left
             out[oy0:oy1, ox0:ox1] = tile[ty0 : ty0 + oy1 - oy0, tx0 : tx0 + ox1 - ox0]
+
+
+def _duplicate(tif: tifffile.TiffFile) -> int | None:
+    """A new descriptor of the file ``tif`` reads (None when it is not a plain file)."""
+    try:
+        fd = os.dup(tif.filehandle.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    os.set_inheritable(fd, False)
+    return fd
 
 
 def check_jpeg(data: bytes | memoryview, tables: bytes = b"") -> None:
