@@ -60,6 +60,8 @@ def _outcome(check: Callable[[Patient], None], patient: Patient) -> BaseExceptio
 
 #: Version of the state schema of :meth:`StreamingDataset.state_dict`.
 STATE_VERSION = 2
+#: Threads that check slides at construction (opening a header is mostly waiting on the disk).
+CHECK_THREADS = 8
 
 
 def loader_workers() -> int:
@@ -260,7 +262,7 @@ class StreamingDataset(IterableDataset[Any]):
         them, each listed in :attr:`skipped`, and one warning. Other exceptions propagate."""
         patients = list(dataset.patients)
         with concurrent.futures.ThreadPoolExecutor(
-            min(8, len(patients)), thread_name_prefix="bigsmall-check"
+            max(1, min(CHECK_THREADS, len(patients))), thread_name_prefix="bigsmall-check"
         ) as pool:
             outcomes = list(pool.map(lambda p: _outcome(check, p), patients))
         bad = {p.id: exc for p, exc in zip(patients, outcomes, strict=True) if exc is not None}
