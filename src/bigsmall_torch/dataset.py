@@ -14,20 +14,9 @@ import torch
 
 from ._engine.batching import batch_count, batched_quota
 from ._engine.messages import MessageBoard
-from ._engine.reservoir import OnError, Reservoir, ReservoirStats
+from ._engine.reservoir import OnError, Reservoir
 from ._engine.sharding import Topology, assign_shards, split_evenly
-from ._engine.streaming import (
-    STATE_VERSION as _STATE_VERSION,
-)
-from ._engine.streaming import (
-    Live,
-    StreamingDataset,
-    check_resume_topology,
-    to_sample,
-)
-from ._engine.streaming import (
-    loader_workers as _loader_workers,
-)
+from ._engine.streaming import Live, StreamingDataset
 from ._validate import positive_int
 from .chunks import BigChunkLoader, SmallChunkCollector
 from .data import Dataset
@@ -35,10 +24,7 @@ from .errors import ConfigError, SlideError
 from .io.slide import Backend, SlideCache
 from .schedulers import LabelBalancedScheduler, LeastVisitedScheduler, Scheduler
 
-__all__ = ["BigSmallDataset", "available_memory", "check_resume_topology", "to_sample"]
-
-# Kept for importers of the names that moved to the streaming core.
-_ = (_STATE_VERSION, _loader_workers, ReservoirStats)
+__all__ = ["BigSmallDataset", "available_memory"]
 
 logger = logging.getLogger(__name__)
 

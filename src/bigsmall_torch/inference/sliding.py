@@ -287,10 +287,11 @@ class SlidingWindowDataset(StreamingDataset):
         (see :meth:`~bigsmall_torch._engine.streaming.StreamingDataset._refuse_bad_patients`)."""
         probe = SlideCache(16, backend=self.slides.backend, decode_threads=1)
         grids: dict[Any, Grid] = {}
-        try:
-            def build(patient: Patient) -> None:
-                grids[patient.id] = self._grid(patient, probe)
 
+        def build(patient: Patient) -> None:
+            grids[patient.id] = self._grid(patient, probe)
+
+        try:
             self.dataset = self._refuse_bad_patients(self.dataset, build)
         finally:
             probe.close()
@@ -314,7 +315,9 @@ class SlidingWindowDataset(StreamingDataset):
             ds = choice.downsample
             for r, y in enumerate(ys):
                 for c, x in enumerate(xs):
-                    include[r, c] = mask.fraction_in(x * ds, y * ds, pw * ds, ph * ds) >= self.min_tissue
+                    include[r, c] = (
+                        mask.fraction_in(x * ds, y * ds, pw * ds, ph * ds) >= self.min_tissue
+                    )
         return Grid(patient.id, str(reader.info.path), choice, (pw, ph), (sx, sy),
                     (width, height), xs, ys, include)  # fmt: skip
 
@@ -444,6 +447,11 @@ class SlidingWindowDataset(StreamingDataset):
         grid, gone = self.grids[block.slide], cells[lost]
         self.last_skipped += [(grid.patient_id, int(r), int(c)) for r, c in gone]
         self._skipped_at += [base + i for i in lost]
+        if self._live is not None:  # the core's skip report of this iteration
+            reason = str(errors[-1])
+            self._live.skipped += [
+                (f"patient {grid.patient_id!r} window (row {r}, col {c})", reason) for r, c in gone
+            ]
         if lost:
             self._report_skip(block, len(cells), gone, errors[-1])
         else:  # the failure did not repeat
@@ -502,7 +510,10 @@ class SlidingWindowDataset(StreamingDataset):
         if live is None or not isinstance(live.extra, _Range):
             return {"skipped": 0}
         span = live.extra
-        return {"skipped": span.resumed_skips + bisect.bisect_left(self._skipped_at, span.first + live.position)}
+        return {
+            "skipped": span.resumed_skips
+            + bisect.bisect_left(self._skipped_at, span.first + live.position)
+        }
 
     def __iter__(self) -> Iterator[Any]:
         # Not a generator: the iteration's state exists as soon as iter() returns (torchdata's
@@ -524,20 +535,10 @@ class SlidingWindowDataset(StreamingDataset):
 
     def _positioned(self, start: int, stop: int, first: int, live: Live) -> Iterator[SmallChunk]:
         """The windows ``[start, stop)``, moving ``live.cursor`` (the worker's position: windows
-        yielded or skipped) past each; skips go into the core's report too."""
-        reported = 0
-
-        def report() -> None:
-            nonlocal reported
-            for pid, row, col in self.last_skipped[reported:]:
-                live.skipped.append((f"patient {pid!r} window (row {row}, col {col})", "unreadable"))
-            reported = len(self.last_skipped)
-
+        yielded or skipped) past each."""
         for index, small in self._windows(start, stop):
             live.cursor = index + 1 - first
-            report()
             yield small
-        report()  # windows lost after the last one emitted
 
     def __repr__(self) -> str:
         return (

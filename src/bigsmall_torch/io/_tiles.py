@@ -304,7 +304,7 @@ class TileDecoder:
         if self.strict and self._colorspace is None:
             import simplejpeg
 
-            stream = self._prefix + bytes(data[2:]) if self._prefix else data
+            stream = _whole(data, self._prefix)
             return simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True)
         tile = imagecodecs.jpeg8_decode(
             cast(bytes, data),  # any buffer works
@@ -369,6 +369,12 @@ def _duplicate(tif: tifffile.TiffFile) -> int | None:
     return fd
 
 
+def _whole(data: bytes | memoryview, tables: bytes) -> bytes | memoryview:
+    """A whole JPEG stream: ``data`` itself, or the JPEGTables segments (``tables``, without their
+    EOI) followed by the abbreviated tile ``data`` without its SOI."""
+    return data if not tables else tables + bytes(data[2:])
+
+
 def check_jpeg(data: bytes | memoryview, tables: bytes = b"") -> None:
     """Raise ``ValueError`` with libjpeg's message when decoding ``data`` (a JPEG stream, or an
     abbreviated one after ``tables``: the JPEGTables segments without their EOI) gives a libjpeg
@@ -379,7 +385,7 @@ def check_jpeg(data: bytes | memoryview, tables: bytes = b"") -> None:
     """
     import simplejpeg
 
-    stream = data if not tables else tables + bytes(data[2:])
+    stream = _whole(data, tables)
     simplejpeg.decode_jpeg(stream, colorspace="GRAY", min_factor=8, strict=True)
 
 

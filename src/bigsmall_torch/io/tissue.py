@@ -41,17 +41,13 @@ def _skimage() -> Any:
     return skimage
 
 
-def _read_around_damage(
-    reader: SlideReader, top: int, level: int, width: int, rows: int
+def _pieces_around_damage(
+    reader: SlideReader, top: int, level: int, width: int, rows: int, first: SlideError
 ) -> np.ndarray:
-    """Rows ``top .. top + rows`` of ``level`` for a picture's thumbnail; where they cannot be read
-    (a damaged tile), piece by piece, the unreadable pieces white, with a warning naming the file.
+    """Rows ``top .. top + rows`` of ``level`` for a picture's thumbnail, whose whole read raised
+    ``first``: read piece by piece, the unreadable pieces white, with a warning naming the file.
     Only pictures use it: tissue masks, training and inference raise or skip instead."""
     ds = reader.info.level_downsamples[level]
-    try:
-        return reader.read(0, round(top * ds), level, width, rows)
-    except SlideError as exc:
-        first = exc
     piece = max(64, (reader.info.tile_size or (256, 256))[0])
     out = np.full((rows, width, 3), 255, dtype=np.uint8)
     lost = 0
@@ -179,11 +175,12 @@ class TissueDetector:
         rows_per_strip = max(1, (64 << 20) // (lw * 3))  # read in strips of at most ~64 MiB
         for top in range(0, lh, rows_per_strip):
             rows = min(rows_per_strip, lh - top)
-            strip = (
-                _read_around_damage(reader, top, level, lw, rows)
-                if around_damage
-                else reader.read(0, round(top * info.level_downsamples[level]), level, lw, rows)
-            )
+            try:
+                strip = reader.read(0, round(top * info.level_downsamples[level]), level, lw, rows)
+            except SlideError as exc:
+                if not around_damage:
+                    raise
+                strip = _pieces_around_damage(reader, top, level, lw, rows, exc)
             strips.append(resample(strip, out_w, max(1, round(rows * out_h / lh))))
         image = np.concatenate(strips, axis=0)
         return resample(image, out_w, out_h)
