@@ -17,6 +17,14 @@ Rates are megapixels of region per second. Targets: fast path >= 3x tiffslide, a
 (256 px JPEG tiles, texture from ``../shared/slides/cmu-1-small-region.svs`` when present), cached
 under ``.cache/bench-slides/size-<size>`` and re-used.
 
+Then, in the same run, a second table for JPEG 2000: a synthetic Aperio 33005 slide (256 px tiles,
+same texture, ``--j2k-size`` square, cached under ``.cache/bench-slides/size-<size>-jpeg2000``),
+random 2048x2048 regions read by ``raw decode`` (``imagecodecs.jpeg2k_decode`` of the tiles in
+memory, one thread), the ``fast path`` with 1 and 2 threads (and ``--threads``), ``tiffslide`` (its
+``read_region``: the path JPEG 2000 levels took before the fast path read them) and ``openslide``.
+Its times are medians over the regions (each region's fastest of ``--repeats`` rounds); ``vs
+tiffslide`` is tiffslide's median over the method's.
+
     python -m benchmarks.bench_read            # full run
     python -m benchmarks.bench_read --quick    # 8192x8192 slides, fewer regions
 """
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -37,9 +46,9 @@ import numpy as np
 from bigsmall_torch.io._tiles import TileDecoder
 
 try:
-    from ._common import REPO_ROOT, make_parser, markdown_table, prepare_slides
+    from ._common import REAL_SLIDE, REPO_ROOT, make_parser, markdown_table, prepare_slides
 except ImportError:  # run as a script: python benchmarks/bench_read.py
-    from _common import REPO_ROOT, make_parser, markdown_table, prepare_slides
+    from _common import REAL_SLIDE, REPO_ROOT, make_parser, markdown_table, prepare_slides
 
 __all__ = ["Row", "main", "run"]
 
@@ -47,11 +56,13 @@ logger = logging.getLogger("bench_read")
 
 TARGET_X_TIFFSLIDE = 3.0
 TARGET_OF_RAW_PER_THREAD = 0.7
+J2K_REGION = 2048
 
 
 @dataclass
 class Row:
-    """One method at one region size."""
+    """One method at one region size, on the JPEG slides or (``codec="jpeg2000"``) the JPEG 2000
+    one."""
 
     region: int
     method: str
@@ -59,6 +70,8 @@ class Row:
     megapixels: float
     seconds: float
     cpu_seconds: float  # process CPU time, all threads
+    codec: str = "jpeg"
+    median_seconds: float | None = None  # the median region (JPEG 2000 rows)
 
     @property
     def cores_busy(self) -> float:
@@ -119,6 +132,14 @@ class _Slide:
 def _raw_decoder(slide: _Slide) -> Callable[[list[bytes]], None]:
     import imagecodecs
 
+    if slide.page.compression != 7:  # JPEG 2000: OpenJPEG in this thread, as the fast path calls it
+
+        def decode_all_j2k(tiles: list[bytes]) -> None:
+            for data in tiles:
+                imagecodecs.jpeg2k_decode(data, numthreads=1)
+
+        return decode_all_j2k
+
     tables = slide.page.jpegtables
     colorspace = 2 if slide.page.photometric == 2 and not slide.page.is_jfif else None
 
@@ -151,7 +172,51 @@ def run(args: argparse.Namespace) -> list[Row]:
     finally:
         for slide in slides:
             slide.close()
+    if not args.no_jpeg2000:
+        rows += _run_jpeg2000(args, threads)
     return rows
+
+
+def _prepare_jpeg2000(folder: Path, size: int) -> Path:
+    """One synthetic ``size x size`` Aperio 33005 slide, cached like :func:`prepare_slides`'."""
+    from bigsmall_torch.synthetic import synthesize_slides
+
+    target = folder / f"size-{size}-jpeg2000"
+    logger.info(
+        "preparing a %dx%d JPEG 2000 slide in %s; the first run writes it", size, size, target
+    )
+    start = time.perf_counter()
+    (info,) = synthesize_slides(
+        target, n=1, width=size, height=size, tile_size=256, tissue="full", compression="jpeg2000",
+        texture_source=REAL_SLIDE if REAL_SLIDE.exists() else None,
+    )  # fmt: skip
+    logger.info("JPEG 2000 slide ready in %.1f s", time.perf_counter() - start)
+    return Path(info.path)
+
+
+def _run_jpeg2000(args: argparse.Namespace, threads: Sequence[int]) -> list[Row]:
+    """Random 2048x2048 regions of the JPEG 2000 slide, every method on each: medians."""
+    size = 8192 if args.quick else args.j2k_size
+    slide = _Slide(_prepare_jpeg2000(args.slides_dir, size), threads)
+    rng = np.random.default_rng(np.random.SeedSequence([args.seed, 2000]))
+    per_region: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    try:
+        for index in range(args.count):
+            x = int(rng.integers(0, slide.width - J2K_REGION + 1))
+            y = int(rng.integers(0, slide.height - J2K_REGION + 1))
+            times: dict[tuple[str, int], list[float]] = {}
+            _measure(slide, x, y, J2K_REGION, times, repeats=args.repeats, check=index == 0,
+                     lenient=False)  # fmt: skip
+            for key, (wall, cpu) in times.items():
+                per_region.setdefault(key, []).append((wall, cpu))
+    finally:
+        slide.close()
+    megapixels = args.count * J2K_REGION * J2K_REGION / 1e6
+    return [
+        Row(J2K_REGION, m, n, megapixels, sum(w for w, _ in walls), sum(c for _, c in walls),
+            codec="jpeg2000", median_seconds=statistics.median(w for w, _ in walls))
+        for (m, n), walls in per_region.items()
+    ]  # fmt: skip
 
 
 def _timed(call: Callable[[], Any]) -> tuple[Any, float, float]:
@@ -170,10 +235,11 @@ def _measure(
     *,
     repeats: int,
     check: bool,
+    lenient: bool = True,
 ) -> None:
     """Read one region with every method in turn, ``repeats`` rounds; the fastest round of each
     method counts (a round slowed by other work on the machine does not). An untimed read first
-    warms the page cache."""
+    warms the page cache. ``lenient=False`` leaves out the ``strict=False`` fast path."""
     slide.decoders[max(slide.decoders)].read(x, y, size, size)
     tiles, decode_all = slide.compressed_tiles(x, y, size), _raw_decoder(slide)
     methods: dict[tuple[str, int], Callable[[], Any]] = {
@@ -181,7 +247,10 @@ def _measure(
     }
     for n, decoder in slide.decoders.items():
         methods[("fast path", n)] = lambda d=decoder: d.read(x, y, size, size)
-        methods[("fast path, no check", n)] = lambda d=slide.lenient[n]: d.read(x, y, size, size)
+        if lenient:
+            methods[("fast path, no check", n)] = lambda d=slide.lenient[n]: d.read(
+                x, y, size, size
+            )
     methods[("tiffslide", 0)] = lambda: slide.tiffslide.read_region(
         (x, y), 0, (size, size), as_array=True
     )
@@ -219,6 +288,8 @@ def report(rows: Sequence[Row]) -> str:
     table: list[list[str]] = []
     verdicts: list[str] = []
     busy = False
+    jpeg2000 = [r for r in rows if r.codec == "jpeg2000"]
+    rows = [r for r in rows if r.codec == "jpeg"]
     for region in sorted({r.region for r in rows}):
         group = [r for r in rows if r.region == region]
         by = {(r.method, r.threads): r.mp_per_s for r in group}
@@ -241,12 +312,34 @@ def report(rows: Sequence[Row]) -> str:
                 f"{of_raw:.0%} of raw per thread (target >= {TARGET_OF_RAW_PER_THREAD:.0%}: "
                 f"{'met' if of_raw >= TARGET_OF_RAW_PER_THREAD else 'MISSED'})"
             )
+    busy |= any(r.cores_busy < 0.9 * (r.threads or 1) for r in jpeg2000)
     if busy:
         verdicts.append(
             "- WARNING: some method kept fewer cores busy than it had threads (cores busy < 0.9 x "
             "threads): other work on this machine slowed it; its MP/s understate it."
         )
-    return markdown_table(headers, table) + "\n\n" + "\n".join(verdicts)
+    text = markdown_table(headers, table) if table else ""
+    if jpeg2000:
+        text += ("\n\n" if text else "") + report_jpeg2000(jpeg2000)
+    return text + "\n\n" + "\n".join(verdicts)
+
+
+def report_jpeg2000(rows: Sequence[Row]) -> str:
+    """The JPEG 2000 table: medians over the regions, and each method against tiffslide's."""
+    headers = ["JPEG 2000 region", "method", "threads", "median s", "MP/s (median)",
+               "vs tiffslide", "per thread / raw", "cores busy"]  # fmt: skip
+    median = {(r.method, r.threads): r.median_seconds or r.seconds for r in rows}
+    tiff, raw = median[("tiffslide", 0)], median[("raw decode", 1)]
+    table = []
+    for r in rows:
+        s = median[(r.method, r.threads)]
+        per_thread = f"{raw / s / r.threads:.0%}" if r.threads else "-"
+        table.append(
+            [f"{r.region}x{r.region}", r.method, str(r.threads or "lib"), f"{s:.3f}",
+             f"{r.region * r.region / 1e6 / s:.1f}", f"{tiff / s:.2f}x", per_thread,
+             f"{r.cores_busy:.2f}"]
+        )  # fmt: skip
+    return markdown_table(headers, table)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -274,6 +367,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=3, help="rounds per region, fastest counts (default 3)"
     )
+    parser.add_argument(
+        "--j2k-size",
+        type=int,
+        default=8192,
+        help="side of the JPEG 2000 slide (default 8192; --quick too)",
+    )
+    parser.add_argument("--no-jpeg2000", action="store_true", help="leave out the JPEG 2000 table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
@@ -284,6 +384,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if any(n < 1 for n in args.threads) or any(r < 1 for r in args.regions):
         parser.error("--threads and --regions must be >= 1")
+    if args.j2k_size < J2K_REGION:
+        parser.error(f"--j2k-size must be >= {J2K_REGION}, got {args.j2k_size}")
     return args
 
 

@@ -143,3 +143,78 @@ def test_from_folder_names_both_files_of_a_clashing_id(cohort: Path, tmp_path: P
         "boxes",
         "other",
     ]
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory: pytest.TempPathFactory, shared_slides: Path, cohort: Path) -> Path:
+    """Every kind of file a real cohort folder holds: a tiled SVS (real), a stripped LZW TIFF, an
+    RGBA PNG, a JPEG, a slide smaller than the big chunk, one smaller than the patch (a real DICOM
+    of 16 x 16), a broken file, a dangling link, and a folder."""
+    import tifffile
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("messy")
+    shutil.copy(shared_slides / "cmu-1-small-region.svs", folder / "a_svs.svs")
+    pixels = bst.open_slide(cohort / "a_good.tiff").read(0, 0, 0, 700, 500)
+    tifffile.imwrite(folder / "b_stripped.tif", pixels[:450, :640], compression="lzw", rowsperstrip=32)
+    rgba = np.dstack([pixels[:300, :400], np.full((300, 400), 200, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(folder / "c_rgba.png")
+    Image.fromarray(pixels[:333, :517]).save(folder / "d_photo.jpg", quality=90)
+    shutil.copy(cohort / "c_small.tiff", folder / "e_small.tiff")
+    (folder / "f_dicom").mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copy(shared_slides / name, folder / "f_dicom" / name)
+    shutil.copy(shared_slides / "broken.svs", folder / "g_broken.svs")
+    (folder / "h_gone.svs").symlink_to(folder / "nowhere.svs")
+    (folder / "i_folder.svs").mkdir()
+    return folder
+
+
+MESSY_BAD = {
+    "f_dicom": "smaller than the 64x64 patch",
+    "g_broken": "cannot be read",
+    "h_gone": "no such file",
+    "i_folder": "is a folder",
+}
+
+
+def _messy_patients(folder: Path) -> bst.Dataset:
+    files = sorted(p for p in folder.iterdir() if p.name != "f_dicom")
+    files.append(folder / "f_dicom" / "boxes_0.dcm")
+    return bst.Dataset(
+        "messy", sorted((bst.Patient(p.name.split(".")[0] if p.parent == folder else "f_dicom",
+                                     {"wsi": bst.Record(p)}) for p in files), key=lambda p: p.id)
+    )  # fmt: skip
+
+
+def test_a_messy_folder_streams_every_format_and_reports_the_bad_files(messy: Path) -> None:
+    dataset = bst.BigSmallDataset(
+        _messy_patients(messy), bst.RandomRegionLoader(size=512), bst.RandomCropCollector(64),
+        buffer_size=2, smallchunks_per_bigchunk=8, samples_per_epoch=192, on_error="skip", seed=0,
+    )  # fmt: skip
+    assert set(dataset.skipped) == set(MESSY_BAD)
+    for pid, words in MESSY_BAD.items():
+        assert words in dataset.skipped[pid], (pid, dataset.skipped[pid])
+    good = {p.id: p.record("wsi").path for p in dataset.dataset.patients}
+    assert sorted(good) == ["a_svs", "b_stripped", "c_rgba", "d_photo", "e_small"]
+    readers = {pid: bst.open_slide(path) for pid, path in good.items()}
+    assert {pid: r.info.backend for pid, r in readers.items()} == {
+        "a_svs": "tiffslide", "b_stripped": "image", "c_rgba": "image", "d_photo": "image",
+        "e_small": "tiffslide",
+    }  # fmt: skip
+    samples = list(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2))
+    assert len(samples) == 192
+    for sample in samples:
+        want = readers[sample["patient_id"]].read(sample["x"], sample["y"], 0, 64, 64)
+        assert torch.equal(sample["image"], torch.from_numpy(want).permute(2, 0, 1))
+    assert {s["patient_id"] for s in samples} == set(good)
+    for reader in readers.values():
+        reader.close()
+    with pytest.raises(bst.UnusableSlidesError) as info:
+        bst.BigSmallDataset(
+            _messy_patients(messy), bst.RandomRegionLoader(size=512), bst.RandomCropCollector(64),
+            buffer_size=2, smallchunks_per_bigchunk=8,
+        )  # fmt: skip
+    assert set(info.value.errors) == set(MESSY_BAD)
+    for name in ("boxes_0.dcm", "g_broken.svs", "h_gone.svs", "i_folder.svs"):
+        assert name in str(info.value)

@@ -166,3 +166,42 @@ def test_slide_cache_closes_readers_only_when_its_last_user_leaves(slide_folder:
     assert len(cache) == 0
     with pytest.raises(bst.SlideReadError, match="closed"):
         decoder.read(0, 0, 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("context", "damage"), [("fork", "delete"), ("spawn", "delete"), ("spawn", "zeroed")]
+)
+def test_worker_side_slide_errors_arrive_as_the_packages_types(
+    slide_folder: Path, tmp_path: Path, context: str, damage: str
+) -> None:
+    """A slide that became unusable after construction raises in a DataLoader worker; the main
+    process catches it as SlideOpenError / SlideReadError (torch rebuilds ``type(message)``),
+    naming the file."""
+    import shutil
+
+    from torch.utils.data import DataLoader
+
+    for path in sorted(slide_folder.glob("*.tiff"))[:2]:
+        shutil.copy(path, tmp_path / path.name)
+    victim = sorted(tmp_path.glob("*.tiff"))[1]
+    ds = bst.BigSmallDataset(
+        bst.Dataset.from_folder(tmp_path, pattern="*.tiff"), bst.RandomRegionLoader(256),
+        bst.RandomCropCollector(64), buffer_size=1, smallchunks_per_bigchunk=2, prefetch=1,
+        samples_per_epoch=64, sharding="count",
+    )  # fmt: skip
+    if damage == "delete":
+        victim.unlink()
+        expected: type[bst.SlideError] = bst.SlideOpenError
+    else:  # the header opens, the tiles are zeros
+        size = victim.stat().st_size
+        with open(victim, "rb") as f:
+            header = f.read(1 << 12)
+        victim.write_bytes(header + bytes(size - len(header)))
+        expected = bst.SlideReadError
+    loader = DataLoader(ds, batch_size=8, num_workers=2, multiprocessing_context=context, timeout=120)
+    with pytest.raises(bst.SlideError) as caught:
+        for _ in loader:
+            pass
+    assert isinstance(caught.value, expected), type(caught.value)
+    assert victim.name in str(caught.value)
+    caught.value.__traceback__ = None  # the iterator's workers close now, not at a later gc

@@ -7,13 +7,14 @@ background.
 
 from __future__ import annotations
 
+from ._engine.reports import EpochReport, WorkerReport
 from ._engine.reservoir import OnError, Reservoir, ReservoirStats
 from ._engine.sharding import Topology
 from ._version import __version__
 from .chunks import BigChunk, BigChunkLoader, ChunkContext, SmallChunk, SmallChunkCollector
 from .collectors import RandomCropCollector
 from .data import Dataset, Patient, Record
-from .dataset import BigSmallDataset
+from .dataset import BigSmallDataset, Sharding
 from .errors import (
     BigSmallError,
     ConfigError,
@@ -57,6 +58,7 @@ __all__ = [
     "Dataset",
     "DatasetError",
     "Edge",
+    "EpochReport",
     "ExtractorError",
     "Grid",
     "LabelBalancedScheduler",
@@ -75,6 +77,7 @@ __all__ = [
     "SampledPatches",
     "SamplingRecorder",
     "Scheduler",
+    "Sharding",
     "SlideCache",
     "SlideError",
     "SlideInfo",
@@ -95,6 +98,7 @@ __all__ = [
     "Topology",
     "UnusableSlidesError",
     "WeightedScheduler",
+    "WorkerReport",
     "open_slide",
     "render_sampling",
     "render_tissue",

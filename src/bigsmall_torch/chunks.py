@@ -150,8 +150,10 @@ class ChunkContext:
         return None if self.board is None else self.board.message(self.patient_id)
 
     def slide(self, patient: Patient, record_key: str = "wsi") -> SlideReader:
-        """The open reader of ``patient``'s record ``record_key``."""
-        return self.slides.get(patient.record(record_key).path)
+        """The open reader of ``patient``'s record ``record_key`` (the record's ``info["mpp"]``,
+        if any, is the mpp of a file that records none)."""
+        record = patient.record(record_key)
+        return self.slides.get(record.path, mpp=record.info.get("mpp"))
 
 
 class BigChunkLoader(abc.ABC):

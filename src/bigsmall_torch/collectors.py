@@ -115,7 +115,10 @@ class RandomCropCollector(SmallChunkCollector):
                 "RandomCropCollector: tissue_only needs the big chunk's info['path'] (the slide), "
                 f"which {sorted(info)} lacks"
             )
-        mask = tissue_mask(ctx.slides.get(info["path"]), detector=self.tissue_detector)
+        # The record the chunk came from gives the mpp hint of a file that records none.
+        record = bigchunk.patient.records.get(info.get("record_key", ""))
+        hint = record.info.get("mpp") if record and str(record.path) == str(info["path"]) else None
+        mask = tissue_mask(ctx.slides.get(info["path"], mpp=hint), detector=self.tissue_detector)
         ds = info.get("downsample", 1.0)
         return mask.fraction_in(
             info.get("x", 0) + cx * ds, info.get("y", 0) + cy * ds, self._patch_size[0] * ds, self._patch_size[1] * ds

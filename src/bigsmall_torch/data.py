@@ -143,6 +143,18 @@ class Dataset:
         Files are sorted by their path relative to ``root``; patient ids are those relative paths
         without the suffix (stable across machines and runs).
 
+        A DICOM whole-slide image is a folder of instances (one per level, plus label and overview
+        images), and OpenSlide opens it from any of them: ``.dcm`` files are taken as one patient
+        per folder (id: the folder's path relative to ``root``, or ``root``'s name), read from the
+        first file; keep one slide per folder.
+
+        The default pattern takes Aperio ``.svs`` slides only. Plain images (PNG, JPEG, BMP,
+        stripped TIFFs, read by the ``"image"`` backend) need a pattern that names them, e.g.
+        ``pattern="*.png"``, or ``pattern="*"`` for every file in the folder (so keep other files,
+        such as a CSV manifest, elsewhere; a glob has no ``{png,jpg}`` alternatives). A plain
+        image records no mpp as a rule: build the dataset with :meth:`from_csv` and an ``mpp``
+        column (or ``Record(path, {"mpp": 0.25})``) to read it with ``mpp=``.
+
         Raises:
             DatasetError: ``root`` is not a folder, or nothing matches ``pattern``.
         """
@@ -159,13 +171,14 @@ class Dataset:
         if not folder.is_dir():
             raise DatasetError(f"Dataset.from_folder: root {str(folder)!r} is not a folder")
         found = folder.rglob(pattern) if recursive else folder.glob(pattern)
-        files = sorted(p for p in found if p.is_file())
+        # Not only existing files: a dangling link is a patient the datasets' check reports.
+        files = sorted(p for p in found if not p.is_dir())
         if not files:
             raise DatasetError(
                 f"Dataset.from_folder: no file matches pattern {pattern!r} in {str(folder)!r}"
                 f"{' (recursive)' if recursive else ''}"
             )
-        ids = [str(path.relative_to(folder).with_suffix("")) for path in files]
+        files, ids = _one_per_dicom_folder(folder, files)
         by_id: dict[str, list[str]] = {}
         for patient_id, path in zip(ids, files, strict=True):
             by_id.setdefault(patient_id, []).append(str(path.relative_to(folder)))
@@ -189,6 +202,7 @@ class Dataset:
         root: str | os.PathLike[str] | None = None,
         name: str | None = None,
         check_files: bool = True,
+        mpp_column: str | None = "mpp",
     ) -> Dataset:
         """One patient per row of a CSV manifest (UTF-8, with a header row).
 
@@ -202,13 +216,27 @@ class Dataset:
         without a name (e.g. a pandas index) are not kept. A single str ``record_columns`` is one
         column.
 
+        When the CSV has the column ``mpp_column`` (default ``"mpp"``; None: no such column), each
+        record of a row gets ``info={"mpp": float(cell)}``, the microns per pixel of files that
+        record none (plain images; an mpp the file records always wins, see
+        :meth:`~bigsmall_torch.SlideCache.get`); an empty cell gives no mpp. The column also stays
+        in ``patient.info`` as a string, like every other column.
+
         Raises:
             ConfigError: ``record_columns`` is empty or repeats/clashes with the id or label column.
             DatasetError: the CSV is missing or unreadable, lacks the id or a record column, has no
-                rows, rows with too many cells, an empty id, no record, or duplicate ids, or (with
-                ``check_files``) record files that do not exist (all of them are listed).
+                rows, rows with too many cells, an empty id, no record, duplicate ids, or mpp cells
+                that are not numbers > 0, or (with ``check_files``) record files that do not exist
+                (all of them are listed).
         """
         columns = (record_columns,) if isinstance(record_columns, str) else tuple(record_columns)
+        if mpp_column is not None and (
+            not isinstance(mpp_column, str) or mpp_column in (id_column, label_column, *columns)
+        ):
+            raise ConfigError(
+                "Dataset.from_csv: mpp_column must be None or a column name other than the id, "
+                f"label and record columns, got {mpp_column!r}"
+            )
         if (
             not columns
             or len(set(columns)) != len(columns)
@@ -268,16 +296,19 @@ class Dataset:
             texts = [cells[label_column] for _, cells in table]
             parsed = iter(_ints_or_strs([text for text in texts if text]))
             labels = [next(parsed) if text else None for text in texts]
+        mpps: list[float | None] = [None] * len(table)
+        if mpp_column is not None and mpp_column in header:
+            mpps = _mpp_cells(where, mpp_column, table)
         base = (Path(root) if root is not None else csv_path.parent).absolute()
         info_columns = [c for c in header if c and c not in (id_column, label_column, *columns)]
         patients, missing_files = [], []
-        for patient_id, label, (line, cells) in zip(ids, labels, table, strict=True):
+        for patient_id, label, mpp, (line, cells) in zip(ids, labels, mpps, table, strict=True):
             records = {}
             for column in columns:
                 if cells[column]:
                     given = Path(cells[column])
                     file = given if given.is_absolute() else base / given
-                    records[column] = Record(file)
+                    records[column] = Record(file, None if mpp is None else {"mpp": mpp})
                     if check_files and not file.exists():
                         missing_files.append(
                             f"line {line}, patient {patient_id!r}, {column!r}: {file}"
@@ -409,6 +440,30 @@ class Dataset:
         return groups
 
 
+def _mpp_cells(
+    where: str, column: str, table: list[tuple[int, dict[str, str]]]
+) -> list[float | None]:
+    """The ``column`` cell of each row as an mpp (a number > 0) or None when empty; a
+    :class:`DatasetError` lists the lines and values of the other cells."""
+    mpps: list[float | None] = []
+    bad: list[str] = []
+    for line, cells in table:
+        text = cells[column]
+        try:
+            value = float(text) if text else None
+        except ValueError:
+            value = math.nan
+        if value is not None and not (math.isfinite(value) and value > 0):
+            bad.append(f"line {line}: {text!r}")
+        mpps.append(value)
+    if bad:
+        raise DatasetError(
+            f"{where}: the {column!r} column holds microns per pixel, a number > 0 (or nothing), "
+            f"but has {'; '.join(bad)}"
+        )
+    return mpps
+
+
 def _ints_or_strs(texts: list[str]) -> list[int | str]:
     """The texts as ints if each is an int written plainly (``str(int(t)) == t``), else as strs."""
     try:
@@ -460,3 +515,22 @@ def _largest_remainder(n: int, fractions: list[float], deficit: list[float]) -> 
     for j in ranked[: n - sum(sizes)]:
         sizes[j] += 1
     return sizes
+
+
+def _one_per_dicom_folder(root: Path, files: list[Path]) -> tuple[list[Path], list[str]]:
+    """``files`` with the ``.dcm`` files of one folder (one DICOM slide) kept once, and their ids:
+    the path relative to ``root`` without the suffix, a DICOM folder's path for its slide."""
+    kept: list[Path] = []
+    ids: list[str] = []
+    seen: set[Path] = set()
+    for path in files:
+        if path.suffix.lower() == ".dcm":
+            if path.parent in seen:
+                continue
+            seen.add(path.parent)
+            relative = path.parent.relative_to(root)
+            ids.append(str(relative) if relative.parts else root.resolve().name)
+        else:
+            ids.append(str(path.relative_to(root).with_suffix("")))
+        kept.append(path)
+    return kept, ids

@@ -6,8 +6,10 @@ import copy
 import logging
 import os
 import pickle
+import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, ClassVar
 
 import torch
@@ -17,16 +19,34 @@ from ._engine.messages import MessageBoard
 from ._engine.reservoir import OnError, Reservoir
 from ._engine.sharding import Topology, assign_shards, split_evenly
 from ._engine.streaming import Live, StreamingDataset
-from ._validate import positive_int
+from ._validate import choice, positive_int
 from .chunks import BigChunkLoader, SmallChunkCollector
 from .data import Dataset
 from .errors import ConfigError, SlideError
 from .io.slide import Backend, SlideCache
 from .schedulers import LabelBalancedScheduler, LeastVisitedScheduler, Scheduler
 
-__all__ = ["BigSmallDataset", "available_memory"]
+__all__ = ["BigSmallDataset", "Sharding", "available_memory"]
 
 logger = logging.getLogger(__name__)
+
+#: Relative decode time of one pixel by codec (``SlideInfo.codec``), JPEG = 1. Measured with
+#: ``python -m benchmarks.bench_read`` (2048x2048 reads, 2 decode threads); codecs not listed
+#: count as JPEG. Decoded plain images are read from memory.
+CODEC_COST = {"jpeg": 1.0, "jpeg2000": 8.0, "none": 0.3, "lzw": 1.5, "deflate": 1.5,
+              "png": 0.1, "bmp": 0.1}  # fmt: skip
+
+
+class Sharding(str, Enum):
+    """How patients are dealt to the (rank, worker) shards each epoch.
+
+    ``COST``: by their expected cost per big chunk (codec and chunk size, read at construction), so
+    that workers finish together (see :func:`~bigsmall_torch._engine.sharding.assign_shards`);
+    ``COUNT``: round-robin, the same number of patients each.
+    """
+
+    COST = "cost"
+    COUNT = "count"
 
 @dataclass(frozen=True)
 class _Resuming:
@@ -35,6 +55,17 @@ class _Resuming:
 
     resume: dict[str, Any] | None
     reservoir: Reservoir | None = None
+    cohort: bytes | None = None  # the pickled _Cohort the shards were dealt from
+
+
+@dataclass(frozen=True)
+class _Cohort:
+    """What the shards of an epoch are dealt from (saved with every state, so a resume deals them
+    the same way even when slides were refused since)."""
+
+    ids: list[Any]
+    costs: list[float] | None
+    max_parts: list[int] | None
 
 
 def available_memory() -> int | None:
@@ -69,8 +100,19 @@ class BigSmallDataset(StreamingDataset):
             mode to the batch's ``image`` (``[n, C, H, W]``).
         seed: every random draw derives from (seed, epoch, rank, worker).
         prefetch: big chunks each worker loads ahead in its background thread.
-        on_error: ``"raise"`` (default) or ``"skip"``: what to do when a slide fails to read while
-            streaming. Skipped slides are logged (warning) and counted per worker.
+        on_error: ``"raise"`` (default) or ``"skip"``: what to do with a slide that cannot be used.
+            At construction (``validate``) every slide is checked: ``"skip"`` leaves the bad ones
+            out (:attr:`skipped`, one warning), ``"raise"`` raises one error naming them all.
+            While streaming, ``"skip"`` leaves a failing patient out for the rest of the epoch in
+            that worker (a warning; :attr:`skipped` and :meth:`epoch_report` in the main process);
+            the worker's quota is served by its other patients, or, when none is left, by the rest
+            of the cohort, so an epoch is never shortened while good slides remain.
+        skip_errors: exception types raised by the user's loader or collector that
+            ``on_error="skip"`` handles like a slide error (:class:`~bigsmall_torch.SlideError` always
+            is); other exceptions always propagate.
+        sharding: how patients are dealt to workers (:class:`Sharding`): ``"cost"`` (default;
+            needs ``validate``) balances the expected decode time per worker, ``"count"`` deals
+            round-robin.
         backend: slide reading backend (``"auto"``, ``"openslide"``, ``"tiffslide"``).
         max_open_slides: per-worker LRU size of open slide handles.
         decode_threads: threads that decode the JPEG tiles of one big chunk (per worker).
@@ -117,6 +159,8 @@ class BigSmallDataset(StreamingDataset):
         world_size: int | None = None,
         batch_size: int | None = None,
         scheduler: Scheduler | None = None,
+        skip_errors: tuple[type[Exception], ...] = (),
+        sharding: str | Sharding = "cost",
     ) -> None:
         super().__init__()
         if not isinstance(dataset, Dataset):
@@ -151,6 +195,11 @@ class BigSmallDataset(StreamingDataset):
             max_open_slides=max_open_slides, decode_threads=decode_threads, rank=rank,
             world_size=world_size,
         )  # fmt: skip
+        self.skip_errors = self._check_skip_errors(skip_errors)
+        self.sharding = choice("BigSmallDataset: sharding", sharding, Sharding)
+        self._costs: dict[Any, float] = {}  # patient id -> expected cost of a big chunk
+        self._max_parts: dict[Any, int] = {}  # patient id -> bands that still hold a patch
+        self._refused_patients: dict[Any, Any] = {}  # left out at construction (on_error="skip")
         self.board = MessageBoard()
         self._check_sizes()
         self._check_memory(1)
@@ -161,6 +210,19 @@ class BigSmallDataset(StreamingDataset):
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._states: dict[Any, dict[str, Any]] = {}
         self._memory_checked = 0  # the pid that checked the memory of all workers
+
+    def _check_skip_errors(self, skip_errors: Any) -> tuple[type[Exception], ...]:
+        given = skip_errors if isinstance(skip_errors, tuple) else (skip_errors,)
+        if not all(isinstance(t, type) and issubclass(t, Exception) for t in given):
+            raise ConfigError(
+                f"BigSmallDataset: skip_errors must be a tuple of Exception subclasses, got {skip_errors!r}"
+            )
+        if given and self.on_error is not OnError.SKIP:
+            raise ConfigError(
+                f"BigSmallDataset: skip_errors={skip_errors!r} only applies with on_error='skip', "
+                f"got on_error={self.on_error.value!r}"
+            )
+        return given
 
     def _check_sizes(self) -> None:
         chunk, patch = self.loader.chunk_size, self.collector.patch_size
@@ -209,7 +271,8 @@ class BigSmallDataset(StreamingDataset):
             self.loader.validate(patient, slides)
             if patch is None or extent is None:
                 return
-            info = slides.get(patient.record(record_key).path).info
+            record = patient.record(record_key)
+            info = slides.get(record.path, mpp=record.info.get("mpp")).info
             width, height = extent(info)
             if patch[0] > width or patch[1] > height:
                 raise SlideError(
@@ -217,11 +280,19 @@ class BigSmallDataset(StreamingDataset):
                     f"is {width}x{height} pixels at the asked resolution, smaller than the "
                     f"{patch[0]}x{patch[1]} patch",
                 )
+            chunk = self.loader.chunk_size or (width, height)
+            pixels = min(chunk[0], width) * min(chunk[1], height)
+            self._costs[patient.id] = CODEC_COST.get(getattr(info, "codec", None) or "", 1.0) * pixels
+            # Bands cut the longer side (loaders.part_bounds); each must still hold a patch.
+            self._max_parts[patient.id] = width // patch[0] if width >= height else height // patch[1]
 
+        before = self.dataset.patients
         try:
             self.dataset = self._refuse_bad_patients(self.dataset, check)
         finally:
             slides.close()
+        kept = {p.id for p in self.dataset.patients}
+        self._refused_patients = {p.id: p for p in before if p.id not in kept}
 
     def _check_epoch_split(self) -> None:
         if self.samples_per_epoch is not None and self.samples_per_epoch % self.world_size:
@@ -299,16 +370,45 @@ class BigSmallDataset(StreamingDataset):
             return batched_quota(per_rank, self.batch_size, topo.num_workers, topo.worker)
         return split_evenly(per_rank, topo.num_workers, topo.worker)
 
-    def make_reservoir(self, topo: Topology, *, epoch: int | None = None) -> Reservoir:
-        """The reservoir of shard ``topo`` for ``epoch`` (default: the current epoch)."""
+    def _cohort(self) -> _Cohort:
+        """What the shards are dealt from: the patient ids in order, and their costs when
+        ``sharding="cost"`` and every one is known."""
+        ids = [p.id for p in self.dataset.patients]
+        if self.sharding is Sharding.COST and all(i in self._costs for i in ids):
+            return _Cohort(ids, [self._costs[i] for i in ids], [self._max_parts[i] for i in ids])
+        return _Cohort(ids, None, None)
+
+    def make_reservoir(
+        self, topo: Topology, *, epoch: int | None = None, cohort: _Cohort | None = None
+    ) -> Reservoir:
+        """The reservoir of shard ``topo`` for ``epoch`` (default: the current epoch).
+
+        ``cohort`` (from a saved state) deals the shards as they were dealt when the state was
+        saved; its patients that are no longer in the dataset (refused at this construction:
+        their slides became unusable since) are never scheduled.
+        """
         epoch = self.epoch if epoch is None else epoch
-        labels = [p.label for p in self.dataset.patients]
+        cohort = self._cohort() if cohort is None else cohort
+        known = {p.id: p for p in self.dataset.patients}
+        unusable = [i for i in cohort.ids if i not in known]
+        known.update(self._refused_patients)
+        lost = [i for i in cohort.ids if i not in known]
+        if lost:
+            raise ConfigError(
+                f"BigSmallDataset: cannot resume: the state was saved over patients {lost[:10]} "
+                "that this dataset does not have; resume with the same dataset"
+            )
+        patients = [known[i] for i in cohort.ids]
+        labels = [p.label for p in patients]
         stratify = all(label is not None and isinstance(label, Hashable) for label in labels)
+        costs, max_parts = cohort.costs, cohort.max_parts
         shards = assign_shards(
-            len(self.dataset), topo.num_shards, seed=self.seed, epoch=epoch,
-            labels=labels if stratify else None,
+            len(patients), topo.num_shards, seed=self.seed, epoch=epoch,
+            labels=labels if stratify else None, costs=costs, max_parts=max_parts,
         )
-        owned = [(self.dataset.patients[i], (part, parts)) for i, part, parts in shards[topo.shard]]
+        owned = [(patients[i], (part, parts)) for i, part, parts in shards[topo.shard]]
+        mine = {i for i, _, _ in shards[topo.shard]}
+        reserve = [(patients[i], (0, 1)) for shard in shards for i, _, _ in shard if i not in mine]
         return Reservoir(
             owned,
             self.loader,
@@ -322,24 +422,33 @@ class BigSmallDataset(StreamingDataset):
             on_error=self.on_error,
             scheduler=copy.deepcopy(self.scheduler),
             board=self.board,
+            reserve=list({id(p): (p, part) for p, part in reserve}.values()),
+            skip_errors=self.skip_errors,
+            unusable=unusable,
         )
 
     # -- checkpointing (torchdata's StatefulDataLoader) --------------------------------------------
 
     def _identity(self) -> dict[str, Any]:
-        return {"seed": self.seed, "samples_per_epoch": self.samples_per_epoch, "buffer_size": self.buffer_size}
+        return {"seed": self.seed, "samples_per_epoch": self.samples_per_epoch,
+                "buffer_size": self.buffer_size, "sharding": self.sharding.value}  # fmt: skip
 
     def _extra_state(self, live: Live | None) -> dict[str, Any]:
         """The recipes of the resident big chunks (patient and generator state of each read, so
         they can be read again), the generators and the scheduler, and the per-patient states.
         Messages and weights sent from the training loop are not saved: send them again."""
         reservoir = None
-        if live is not None and isinstance(live.extra, _Resuming) and not live.finished:
-            running = live.extra.reservoir
-            reservoir = running.state() if running is not None else None
-            if reservoir is None:  # not started, or still re-reading the resumed chunks
-                reservoir = live.extra.resume
-        return {"reservoir": reservoir, "states": pickle.dumps(self._states)}
+        cohort = None
+        if live is not None and isinstance(live.extra, _Resuming):
+            cohort = live.extra.cohort
+            if not live.finished:
+                running = live.extra.reservoir
+                reservoir = running.state() if running is not None else None
+                if reservoir is None:  # not started, or still re-reading the resumed chunks
+                    reservoir = live.extra.resume
+        if cohort is None:
+            cohort = pickle.dumps(self._cohort())
+        return {"reservoir": reservoir, "states": pickle.dumps(self._states), "cohort": cohort}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict` at the next iteration; also selects the saved epoch
@@ -353,10 +462,12 @@ class BigSmallDataset(StreamingDataset):
         self._check_epoch_split()
         topo, live, pending = self._begin()
         resume: dict[str, Any] | None = None
+        cohort = pickle.dumps(self._cohort())
         if pending is not None:
             self._states = pickle.loads(pending["states"])  # our own checkpoint
             resume = pending["reservoir"]
-        live.extra = _Resuming(resume)
+            cohort = pending.get("cohort", cohort)
+        live.extra = _Resuming(resume, None, cohort)
         quota = self.shard_quota(topo)
         if quota is not None:
             quota -= live.yielded
@@ -372,18 +483,24 @@ class BigSmallDataset(StreamingDataset):
     def _stream(
         self, topo: Topology, live: Live, quota: int | None, resume: dict[str, Any] | None
     ) -> Iterator[Any]:
-        reservoir = self.make_reservoir(topo, epoch=live.epoch)
-        live.extra = _Resuming(resume, reservoir)
+        assert isinstance(live.extra, _Resuming)
+        cohort = live.extra.cohort
+        saved = pickle.loads(cohort) if cohort is not None else None  # our own checkpoint
+        reservoir = self.make_reservoir(topo, epoch=live.epoch, cohort=saved)
+        live.extra = _Resuming(resume, reservoir, cohort)
         live.skipped = reservoir.stats.skipped
         self.last_stats = reservoir.stats
         self.slides.acquire()
         stream = reservoir.stream(resume)
+        started = time.perf_counter()
         try:
             yield from self._output(stream, live, quota)
             live.finished = True
         finally:
             stream.close()
             self.slides.release()
+            reservoir.stats.elapsed_s += time.perf_counter() - started
+            self._report(live, busy=reservoir.stats.busy_fraction)
 
     def __repr__(self) -> str:
         return (

@@ -77,7 +77,8 @@ class RandomRegionLoader(BigChunkLoader):
     The region lies inside the slide (its top-left is drawn so that it fits). When several workers
     share one slide the region is drawn inside this worker's band (:func:`part_bounds`) and clipped to
     it. A ``size`` larger than a slide, a missing level or an ``mpp`` asked of a slide without one is
-    refused when the dataset is built.
+    refused when the dataset is built. A record's ``info["mpp"]`` is the slide's mpp when the file
+    records none (a PNG, say; see :meth:`~bigsmall_torch.SlideCache.get`).
     """
 
     def __init__(
@@ -129,7 +130,8 @@ class RandomRegionLoader(BigChunkLoader):
     def validate(self, patient: Patient, slides: SlideCache) -> None:
         """Open the slide and resolve the asked resolution (a slide without it raises). A slide
         smaller than ``size`` is fine: its chunks are clipped to it."""
-        self.extent(slides.get(patient.record(self.record_key).path).info)
+        record = patient.record(self.record_key)
+        self.extent(slides.get(record.path, mpp=record.info.get("mpp")).info)
 
     def _on_tissue(
         self,
@@ -166,7 +168,7 @@ class RandomRegionLoader(BigChunkLoader):
 
     def extract_bigchunk(self, patient: Patient, ctx: ChunkContext) -> BigChunk | None:
         record = patient.record(self.record_key)
-        reader = ctx.slides.get(record.path)
+        reader = ctx.slides.get(record.path, mpp=record.info.get("mpp"))
         info = reader.info
         choice = self.choice(info)
         bx, by, bw, bh = part_bounds(*self.extent(info), ctx.part)

@@ -2,9 +2,12 @@
 
 Slides are Aperio-SVS-like BigTIFFs: level 0, a stripped thumbnail, then tiled levels that each halve
 the one above exactly (level ``k`` is ``(width >> k, height >> k)``). Tiles are JPEG, YCbCr with 2x2
-chroma subsampling, which openslide and tiffslide decode to identical pixels. The content is an
-H&E-like texture (procedural, or crops of a real slide) painted where a low-resolution tissue mask is
-set, on near-white glass. Equal arguments give equal pixels.
+chroma subsampling (``compression="jpeg"``, the default), or JPEG 2000 codestreams with the
+irreversible colour transform as Aperio writes them with Kakadu (``compression="jpeg2000"``: TIFF
+compression 33005, which openslide reads in Aperio files and tifffile everywhere); openslide and
+tiffslide decode either to identical pixels. The content is an H&E-like texture (procedural, or
+crops of a real slide) painted where a low-resolution tissue mask is set, on near-white glass.
+Equal arguments give equal pixels.
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ import numpy.typing as npt
 
 from .errors import ConfigError
 
-__all__ = ["SyntheticSlideInfo", "TissueMode", "synthesize_slides", "write_synthetic_slide"]
+__all__ = [
+    "SyntheticSlideInfo",
+    "TileCompression",
+    "TissueMode",
+    "synthesize_slides",
+    "write_synthetic_slide",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +53,25 @@ _TIFF_OPTIONS: dict[str, Any] = {
     "photometric": "rgb", "compression": "jpeg", "subsampling": (2, 2), "metadata": None,
     "maxworkers": max(2, os.cpu_count() or 1), "buffersize": 32 << 20,
 }  # fmt: skip
+# Aperio's "JP2K RGB" (Kakadu): one J2K codestream per tile, RGB through the codestream's own
+# irreversible colour transform (MCT), photometric RGB. imagecodecs' JPEG 2000 encoder (OpenJPEG,
+# lossy: 9/7 wavelet and the colour transform) writes such codestreams, and tifffile stores them bare
+# (J2K, not JP2 files) under 33003/33004/33005/34712 alike.
+_APERIO_JP2K_RGB = 33005
+_J2K_OPTIONS: dict[str, Any] = {
+    "photometric": "rgb", "compression": _APERIO_JP2K_RGB, "metadata": None,
+    "maxworkers": max(2, os.cpu_count() or 1), "buffersize": 32 << 20,
+}  # fmt: skip
+# quality=None: JPEG quality 90; JPEG 2000 target PSNR 32 dB, whose tiles of H&E texture are about
+# as large as JPEG's at quality 90 (about 3 bits a pixel).
+_DEFAULT_QUALITY = {"jpeg": 90, "jpeg2000": 32}
+
+
+class TileCompression(str, Enum):
+    """How the tiles of a synthetic slide are compressed (the thumbnail is JPEG either way)."""
+
+    JPEG = "jpeg"  # TIFF compression 7, YCbCr 4:2:0
+    JPEG2000 = "jpeg2000"  # TIFF compression 33005: Aperio's JPEG 2000 with the colour transform
 
 
 class TissueMode(str, Enum):
@@ -65,7 +93,8 @@ class SyntheticSlideInfo:
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]  # exactly 1, 2, 4, ...
     mpp: float | None
-    quality: int
+    quality: int  # JPEG quality, or the target PSNR in dB of JPEG 2000 tiles
+    compression: TileCompression
     seed: int
     tissue: TissueMode
     texture_source: Path | None
@@ -80,6 +109,7 @@ class SyntheticSlideInfo:
             "generator": _GENERATOR,
             **{name: getattr(self, name) for name in names},
             "levels": len(self.level_dimensions),
+            "compression": self.compression.value,
             "tissue": self.tissue.value,
             "texture_source": None if self.texture_source is None else str(self.texture_source),
         }
@@ -93,7 +123,8 @@ def write_synthetic_slide(
     tile_size: int = 256,
     levels: int | None = None,
     mpp: float | None = 0.5,
-    quality: int = 90,
+    quality: int | None = None,
+    compression: TileCompression | str = TileCompression.JPEG,
     seed: int = 0,
     tissue: TissueMode | str = TissueMode.BLOBS,
     texture_source: str | os.PathLike[str] | None = None,
@@ -104,10 +135,14 @@ def write_synthetic_slide(
     ``levels=None`` adds levels until the largest side is at most 1024; width and height must be
     multiples of ``2**(levels - 1)``. ``mpp=None`` writes no resolution at all. ``texture_source``,
     a slide tiffslide can read, replaces the procedural texture with flipped/rotated crops of it.
+    ``compression`` is ``"jpeg"`` or ``"jpeg2000"`` (Aperio's TIFF compression 33005, which
+    openslide and tiffslide both read); ``quality`` (1-100) is the JPEG quality, or for JPEG 2000
+    the target PSNR of each tile in dB (OpenJPEG's fixed-quality mode); None: 90 for JPEG, 32 dB
+    for JPEG 2000.
     The file appears (atomically) only when complete.
     """
-    info = _plan(Path(path), width, height, tile_size, levels, mpp, quality, seed, tissue,
-                 texture_source)  # fmt: skip
+    info = _plan(Path(path), width, height, tile_size, levels, mpp, quality, compression, seed,
+                 tissue, texture_source)  # fmt: skip
     if info.path.exists() and not overwrite:
         raise ConfigError(f"path={str(info.path)!r} exists; pass overwrite=True to replace it")
     _write(info)
@@ -124,14 +159,17 @@ def synthesize_slides(
     tile_size: int = 256,
     levels: int | None = None,
     mpp: float | None = 0.5,
-    quality: int = 90,
+    quality: int | None = None,
+    compression: TileCompression | str = TileCompression.JPEG,
     seed: int = 0,
     tissue: TissueMode | str = TissueMode.BLOBS,
     texture_source: str | os.PathLike[str] | None = None,
 ) -> list[SyntheticSlideInfo]:
-    """Write slides ``{prefix}_{i:03d}.tiff`` with seeds ``seed + i``, ``i < n``, into ``folder``.
+    """Write slides ``{prefix}_{i:03d}.tiff`` with seeds ``seed + i``, ``i < n``, into ``folder``
+    (the other arguments as for :func:`write_synthetic_slide`).
 
-    A file there already written with the same parameters is re-used; any other is replaced.
+    A file there already written with the same parameters (the compression among them) is re-used;
+    any other is replaced.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ConfigError(f"n={n!r} is invalid; expected an int >= 0")
@@ -142,7 +180,7 @@ def synthesize_slides(
     infos = []
     for i in range(n):
         info = _plan(folder / f"{prefix}_{i:03d}.tiff", width, height, tile_size, levels, mpp,
-                     quality, seed + i, tissue, texture_source)  # fmt: skip
+                     quality, compression, seed + i, tissue, texture_source)  # fmt: skip
         if _stored_parameters(info.path) == info.parameters():
             logger.info("re-using %s", info.path)
         else:
@@ -177,7 +215,8 @@ def _plan(
     tile_size: int,
     levels: int | None,
     mpp: float | None,
-    quality: int,
+    quality: int | None,
+    compression: TileCompression | str,
     seed: int,
     tissue: TissueMode | str,
     texture_source: str | os.PathLike[str] | None,
@@ -186,6 +225,15 @@ def _plan(
     width = _check_int("width", width, minimum=1)
     height = _check_int("height", height, minimum=1)
     tile_size = _check_int("tile_size", tile_size, minimum=16, step=16)
+    try:
+        codec = TileCompression(compression)
+    except ValueError:
+        allowed = ", ".join(repr(c.value) for c in TileCompression)
+        raise ConfigError(
+            f"compression={compression!r} is invalid; expected one of {allowed}"
+        ) from None
+    if quality is None:
+        quality = _DEFAULT_QUALITY[codec.value]
     quality = _check_int("quality", quality, minimum=1, maximum=100)
     seed = _check_int("seed", seed, minimum=0)
     if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float))
@@ -220,6 +268,7 @@ def _plan(
         level_downsamples=tuple(float(1 << k) for k in range(n_levels)),
         mpp=None if mpp is None else float(mpp),
         quality=quality,
+        compression=codec,
         seed=seed,
         tissue=mode,
         texture_source=source,
@@ -423,12 +472,13 @@ def _description(info: SyntheticSlideInfo, level: int | None) -> str:
     """Aperio-style ImageDescription (``None``: thumbnail); level 0 carries mpp and parameters."""
     w, h, ts, q = info.width, info.height, info.tile_size, info.quality
     text = f"Aperio Image Library v12.0.15 (bigsmall_torch synthetic)\r\n{w}x{h} [0,0 {w}x{h}]"
+    codec = "J2K/KDU" if info.compression is TileCompression.JPEG2000 else "JPEG/YCC"
     if level is None:
         return f"{text} -> thumbnail"
     if level > 0:
         lw, lh = info.level_dimensions[level]
-        return f"{text} ({ts}x{ts}) -> {lw}x{lh} JPEG/YCC Q={q}"
-    text += f" ({ts}x{ts}) JPEG/YCC Q={q}"
+        return f"{text} ({ts}x{ts}) -> {lw}x{lh} {codec} Q={q}"
+    text += f" ({ts}x{ts}) {codec} Q={q}"
     if info.mpp is not None:
         text += f"|AppMag = {10 / info.mpp:g}|MPP = {info.mpp!r}"
     params = json.dumps(info.parameters(), sort_keys=True, separators=(",", ":"))
@@ -462,7 +512,11 @@ def _write(info: SyntheticSlideInfo) -> None:
 
     ts, n_levels = info.tile_size, len(info.level_dimensions)
     thumb_level = _small_level(info.width, info.height)[1]
-    options = {**_TIFF_OPTIONS, "compressionargs": {"level": info.quality}}
+    if info.compression is TileCompression.JPEG2000:
+        tiled = {**_J2K_OPTIONS, "compressionargs": {"level": info.quality}}
+        jpeg = {**_TIFF_OPTIONS, "compressionargs": {"level": _DEFAULT_QUALITY["jpeg"]}}
+    else:
+        tiled = jpeg = {**_TIFF_OPTIONS, "compressionargs": {"level": info.quality}}
     partial = info.path.with_name(info.path.name + ".partial")
     logger.info("writing %s (%dx%d, %d levels)", info.path, info.width, info.height, n_levels)
     thumbnail: list[RGBArray] = []  # filled here only when level 0 is small enough to be it
@@ -489,12 +543,13 @@ def _write(info: SyntheticSlideInfo) -> None:
                 w, h = info.level_dimensions[k]
                 bands = level0(spools) if k == 0 else spools[k - 1].bands(ts)
                 tif.write(_tiles(bands, ts), shape=(h, w, 3), dtype=np.uint8, tile=(ts, ts),
-                          description=_description(info, k), **options)  # fmt: skip
+                          description=_description(info, k), **tiled)  # fmt: skip
                 if k == 0:  # SVS order: level 0, thumbnail, other levels
                     if thumb_level > 0:
                         thumbnail = list(spools[thumb_level - 1].bands(_SMALL_SIDE))
+                    # The thumbnail stays JPEG, as in Aperio's JPEG 2000 slides.
                     tif.write(np.concatenate(thumbnail), description=_description(info, None),
-                              **options)  # fmt: skip
+                              **jpeg)  # fmt: skip
         os.replace(partial, info.path)
     finally:
         partial.unlink(missing_ok=True)

@@ -86,7 +86,7 @@ CASE_ON_ERROR = [
 
 # -- resources a loader must give back -------------------------------------------------------------
 
-_SHM_PID = re.compile(r"^(?:bigsmall-board-|torch_)(\d+)")
+_SHM_PID = re.compile(r"^(?:bigsmall-board-|bigsmall-report-|torch_)(\d+)")
 
 
 @dataclass

@@ -34,8 +34,11 @@ __all__ = ["MessageBoard"]
 logger = logging.getLogger(__name__)
 
 _PREFIX = "bigsmall-board-"
-# bigsmall-board-<pid>-<start>-<hex>.pkl, and its temporary files <...>.<random>.tmp
-_NAME = re.compile(rf"^{_PREFIX}(\d+)-(\d+)-[0-9a-f]+\.(?:pkl|[^.]+\.tmp)$")
+# bigsmall-board-<pid>-<start>-<hex>.pkl and the workers' reports bigsmall-report-<pid>-<start>-<hex>.
+# <key>.pkl (see reports.py), and their temporary files <...>.<random>.tmp
+_NAME = re.compile(
+    r"^bigsmall-(?:board|report)-(\d+)-(\d+)-[0-9a-f]+\.(?:[^.]+\.)?(?:pkl|[^.]+\.tmp)$"
+)
 
 
 def _board_folder() -> Path:

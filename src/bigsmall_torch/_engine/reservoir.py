@@ -21,7 +21,7 @@ import pickle
 import queue
 import threading
 import time
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Collection, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -61,7 +61,8 @@ class ReservoirStats:
     (starvation); ``collect_s`` is in ``extract_smallchunk`` (crops); ``emit_s`` turns small chunks into
     samples or batch rows (the copy in batched mode); ``transform_s`` runs the transform;
     ``outside_s`` is the time between two samples spent outside the dataset (``default_collate``,
-    sending to the main process, and in ``num_workers=0`` the caller's own work).
+    sending to the main process, and in ``num_workers=0`` the caller's own work); ``elapsed_s`` the
+    stream's wall time, and :attr:`busy_fraction` the loading thread's share of it.
     """
 
     chunks_loaded: int = 0
@@ -74,6 +75,14 @@ class ReservoirStats:
     emit_s: float = 0.0
     transform_s: float = 0.0
     outside_s: float = 0.0
+    elapsed_s: float = 0.0  # wall time of the stream, set when it ends
+
+    @property
+    def busy_fraction(self) -> float | None:
+        """The share of the stream's wall time the loading thread spent reading and decoding big
+        chunks (``load_s / elapsed_s``): near 1, the worker is bound by decoding; low, it mostly
+        waits (for the DataLoader to take its output). None before the stream ended."""
+        return None if self.elapsed_s <= 0 else min(1.0, self.load_s / self.elapsed_s)
 
     def breakdown(self) -> dict[str, float]:
         """Seconds per stage (``load_s`` overlaps the others: it runs in the loading thread)."""
@@ -139,10 +148,13 @@ class _LoaderThread(threading.Thread):
             "initial_done": self._initial_done,
             "empty_in_a_row": self.empty_in_a_row,
             "skipped_ids": pickle.dumps(sorted(r.skipped_ids, key=repr)),
+            "adopted": r.adopted,
         }
 
     def _restore(self, snap: dict[str, Any]) -> None:
         r = self.r
+        if snap.get("adopted") and not r.adopted:
+            r.adopt()
         r.loader_rng.bit_generator.state = snap["loader_rng"]
         r.scheduler = pickle.loads(snap["scheduler"])  # our own checkpoint
         for candidate, (visits, weight) in zip(r.candidates, snap["candidates"], strict=True):
@@ -150,7 +162,7 @@ class _LoaderThread(threading.Thread):
         self._initial = [r.candidates[i] for i in snap["initial"]]
         self._initial_done = bool(snap["initial_done"])
         self.empty_in_a_row = int(snap["empty_in_a_row"])
-        r.skipped_ids = set(pickle.loads(snap["skipped_ids"]))
+        r.skipped_ids = set(pickle.loads(snap["skipped_ids"])) | r.unusable
 
     def _put(self, item: _Loaded | _Failure | _Done) -> bool:
         while not self.stop.is_set():
@@ -164,6 +176,14 @@ class _LoaderThread(threading.Thread):
     def _next(self) -> Candidate | None:
         r = self.r
         live = [c for c in r.candidates if not r.is_skipped(c)]
+        if not live and r.reserve and not r.adopted:
+            r.adopt()
+            live = [c for c in r.candidates if not r.is_skipped(c)]
+            logger.warning(
+                "every patient of this worker's shard was skipped after read errors (%s); its "
+                "quota is served from the other %d patients of the cohort",
+                ", ".join(repr(pid) for pid in sorted(r.skipped_ids, key=repr)[:5]), len(live),
+            )
         if r.board is not None:
             weights = r.board.weights()
             for c in live:
@@ -191,7 +211,7 @@ class _LoaderThread(threading.Thread):
 
     def run(self) -> None:
         r = self.r
-        index = {id(c): i for i, c in enumerate(r.candidates)}
+        index: dict[int, int] = {}
         try:
             while not self.stop.is_set():
                 candidate = self._next()
@@ -206,19 +226,16 @@ class _LoaderThread(threading.Thread):
                         f"{[c.patient.id for c in r.candidates][:10]}"
                     )
                 ctx = r.context(candidate.patient, candidate.part, r.loader_rng)
+                if len(index) != len(r.candidates):  # the reserve was adopted
+                    index = {id(c): i for i, c in enumerate(r.candidates)}
                 recipe = (index[id(candidate)], r.loader_rng.bit_generator.state)
                 started = time.perf_counter()
                 try:
                     chunk = r.loader.extract_bigchunk(candidate.patient, ctx)
-                except SlideError as exc:
+                except r.skippable as exc:
                     if r.on_error is OnError.RAISE:
                         raise
-                    r.skipped_ids.add(candidate.patient.id)
-                    r.stats.skipped.append((str(exc.path), exc.reason))
-                    logger.warning(  # str(exc): a record keeping exc would keep its frames alive
-                        "skipping patient %r: %s (%d slide(s) skipped so far in this worker)",
-                        candidate.patient.id, str(exc), len(r.stats.skipped),
-                    )
+                    r.skip(candidate.patient, exc, "loading a big chunk")
                     continue
                 if chunk is None:
                     self.empty_in_a_row += 1
@@ -257,6 +274,12 @@ class Reservoir:
         on_error: policy for slides that fail to read.
         scheduler: picks the patient of each next big chunk (default least-visited first).
         board: messages and weights from the training loop.
+        reserve: the cohort's other patients; with ``on_error="skip"``, when every owned patient
+            has been skipped, the worker adopts them (whole slides) to serve the rest of its quota.
+        skip_errors: exception types of the user's loader or collector that ``on_error="skip"``
+            treats like a slide error (the patient is skipped); :class:`SlideError` always is.
+        unusable: ids of patients of ``owned`` or ``reserve`` known to be unusable (refused when the
+            dataset resumed from a state saved over a cohort that still had them): never scheduled.
     """
 
     def __init__(
@@ -274,11 +297,21 @@ class Reservoir:
         on_error: OnError = OnError.RAISE,
         scheduler: Scheduler | None = None,
         board: MessageBoard | None = None,
+        reserve: Sequence[tuple[Patient, tuple[int, int]]] = (),
+        skip_errors: tuple[type[Exception], ...] = (),
+        unusable: Collection[Any] = (),
     ) -> None:
         self.candidates = [Candidate(p, part=part) for p, part in owned]
+        self.reserve = [(p, part) for p, part in reserve]
+        self.adopted = False
+        self.skip_errors = tuple(skip_errors)
+        #: What ``on_error`` handles: slide errors and the user's ``skip_errors``.
+        self.skippable: tuple[type[Exception], ...] = (SlideError, *self.skip_errors)
+        self._warned_last = False
         self.scheduler = scheduler if scheduler is not None else LeastVisitedScheduler()
         self.board = board
-        self.skipped_ids: set[Any] = set()
+        self.unusable = frozenset(unusable)
+        self.skipped_ids: set[Any] = set(self.unusable)
         self.loader = loader
         self.collector = collector
         self.buffer_size = buffer_size
@@ -303,6 +336,38 @@ class Reservoir:
 
     def is_skipped(self, candidate: Candidate) -> bool:
         return candidate.patient.id in self.skipped_ids
+
+    def adopt(self) -> None:
+        """Add the reserve (the cohort's other patients) to the candidates, once."""
+        owned = {c.patient.id for c in self.candidates}
+        for patient, part in self.reserve:
+            if patient.id not in owned:
+                self.candidates.append(Candidate(patient, part=part))
+                self.states.setdefault(patient.id, {})
+        self.adopted = True
+
+    def skip(self, patient: Patient, exc: BaseException, where: str) -> None:
+        """Leave ``patient`` out for the rest of this stream (``on_error="skip"``), report it, and
+        warn when only one patient is left to serve the worker's quota."""
+        if patient.id in self.skipped_ids:
+            return
+        self.skipped_ids.add(patient.id)
+        if isinstance(exc, SlideError):
+            self.stats.skipped.append((str(exc.path), exc.reason))
+        else:
+            self.stats.skipped.append((f"patient {patient.id!r}", f"{where}: {type(exc).__name__}: {exc}"))
+        logger.warning(  # str(exc): a record keeping exc would keep its frames alive
+            "skipping patient %r (%s): %s (%d slide(s) skipped so far in this worker)",
+            patient.id, where, str(exc), len(self.stats.skipped),
+        )  # fmt: skip
+        left = [c for c in self.candidates if not self.is_skipped(c)]
+        if len(left) == 1 and len(self.candidates) > 1 and not self._warned_last:
+            self._warned_last = True
+            logger.warning(
+                "patient %r is the only one left in this worker: it now supplies all of the "
+                "worker's remaining samples (%d of its %d patients were skipped)",
+                left[0].patient.id, len(self.candidates) - 1, len(self.candidates),
+            )
 
     def default_weight(self, candidate: Candidate) -> float:
         weights = getattr(self.scheduler, "weights", None)
@@ -351,6 +416,19 @@ class Reservoir:
             )
         return chunk
 
+    def _reread_or_skip(self, index: int, state: RngState) -> BigChunk | None:
+        """:meth:`_reread`, or None when the patient is skipped (``on_error="skip"``)."""
+        patient = self.candidates[index].patient
+        if patient.id in self.skipped_ids:
+            return None
+        try:
+            return self._reread(index, state)
+        except self.skippable as exc:
+            if self.on_error is OnError.RAISE:
+                raise
+            self.skip(patient, exc, "re-reading a resumed big chunk")
+            return None
+
     def _wait_for_chunk(self, thread: _LoaderThread) -> _Loaded:
         while True:
             try:
@@ -379,8 +457,13 @@ class Reservoir:
                     f"buffer_size is {self.buffer_size}"
                 )
             self.collector_rng.bit_generator.state = resume["collector_rng"]
+            if resume["producer"].get("adopted"):  # resident chunks may be of adopted patients
+                self.adopt()
             for index, state, count in resume["resident"]:
-                resident.append(self._reread(int(index), state))
+                chunk = self._reread_or_skip(int(index), state)
+                if chunk is None:  # its slide is unusable now: a fresh chunk takes the slot
+                    continue
+                resident.append(chunk)
                 self._recipes.append((int(index), state))
                 self._counts.append(int(count))
             self._producer = resume["producer"]
@@ -412,7 +495,14 @@ class Reservoir:
             slot = int(rng.integers(self.buffer_size))
             chunk = resident[slot]
             started = time.perf_counter()
-            small = self.collector.extract_smallchunk(counts[slot], chunk, contexts[slot])
+            try:
+                small = self.collector.extract_smallchunk(counts[slot], chunk, contexts[slot])
+            except self.skippable as exc:
+                if self.on_error is OnError.RAISE:
+                    raise
+                self.skip(chunk.patient, exc, "collecting small chunks")
+                small = None
+                counts[slot] = max(counts[slot], 1)  # retire the chunk; not an empty fresh chunk
             self.stats.collect_s += time.perf_counter() - started
             if small is not None:
                 if not isinstance(small, SmallChunk):

@@ -18,7 +18,11 @@ from ..errors import ConfigError
 _SHARDS = 1
 RESERVOIR = 2
 
-__all__ = ["Topology", "assign_shards", "derive_rng", "derive_seed", "split_evenly"]
+__all__ = ["IMBALANCE", "Topology", "assign_shards", "derive_rng", "derive_seed", "split_evenly"]
+
+#: With costs, when the dealt shards' mean cost per big chunk differs by more than this factor,
+#: every patient is shared by every shard instead (see :func:`assign_shards`).
+IMBALANCE = 1.5
 
 
 @dataclass(frozen=True)
@@ -86,14 +90,26 @@ def assign_shards(
     seed: int,
     epoch: int,
     labels: Sequence[Hashable] | None = None,
+    costs: Sequence[float] | None = None,
+    max_parts: Sequence[int] | None = None,
 ) -> list[list[tuple[int, int, int]]]:
     """Which patients each shard owns in ``epoch``.
 
     Returns, per shard, a list of ``(patient_index, part, parts)``. The patients are permuted from
     ``(seed, epoch)`` and dealt round-robin, so each patient belongs to exactly one shard and the
     assignment changes every epoch. With ``labels`` (one per patient) the permutation is grouped by
-    label before dealing, so every shard gets a share of each label. With fewer patients than shards, patient ``p`` is shared by the
-    ``parts`` shards dealt to it, each owning a disjoint part (``part`` of ``parts``) of its slide.
+    label before dealing, so every shard gets a share of each label. With fewer patients than
+    shards, patient ``p`` is shared by the ``parts`` shards dealt to it, each owning a disjoint part
+    (``part`` of ``parts``) of its slide.
+
+    ``costs`` (one per patient: the expected time to load one of its big chunks) make shards finish
+    together. Unequal costs are dealt in snake order, most expensive first (within each label),
+    so every shard keeps the same number of patients (each patient its share of samples) and a
+    similar total cost. When that still leaves the shards' mean cost more than :data:`IMBALANCE`
+    apart (a few patients of very different cost, e.g. one JPEG 2000 slide among JPEG ones), every
+    patient is shared by every shard, each owning one band of it (part ``shard`` of ``num_shards``),
+    provided every patient can be cut into that many bands (``max_parts``, one per patient, says
+    how many bands still hold a patch; without it, banding is not used).
     """
     if num_patients < 1:
         raise ConfigError(f"cannot shard {num_patients} patients: need at least one")
@@ -105,6 +121,11 @@ def assign_shards(
         rank = {label: g for g, label in enumerate(groups)}
         order = np.array(sorted(order, key=lambda i: rank[labels[i]]), dtype=int)  # stable sort
     shards: list[list[tuple[int, int, int]]] = [[] for _ in range(num_shards)]
+    if costs is not None:
+        if len(costs) != num_patients or not all(c > 0 for c in costs):
+            raise ConfigError(f"costs must be {num_patients} numbers > 0, got {list(costs)[:10]}")
+        if max(costs) > min(costs) * (1 + 1e-9) and num_patients >= num_shards:
+            return _deal_by_cost(order, num_shards, labels, costs, max_parts)
     if num_patients >= num_shards:
         for position, patient in enumerate(order):
             shards[position % num_shards].append((int(patient), 0, 1))
@@ -114,3 +135,27 @@ def assign_shards(
         parts = split_evenly(num_shards, num_patients, position)
         shards[shard].append((int(order[position]), shard // num_patients, parts))
     return shards
+
+
+def _deal_by_cost(
+    order: np.ndarray,
+    num_shards: int,
+    labels: Sequence[Hashable] | None,
+    costs: Sequence[float],
+    max_parts: Sequence[int] | None,
+) -> list[list[tuple[int, int, int]]]:
+    """Snake dealing by descending cost (see :func:`assign_shards`), or every patient banded over
+    every shard when the snake leaves the shards more than :data:`IMBALANCE` apart."""
+    group = {label: g for g, label in enumerate(sorted({labels[i] for i in order}, key=repr))} if labels else {}
+    ranked = sorted(
+        (int(i) for i in order), key=lambda i: (group.get(labels[i], 0) if labels else 0, -costs[i])
+    )  # stable: equal costs keep the permutation's order
+    shards: list[list[tuple[int, int, int]]] = [[] for _ in range(num_shards)]
+    for position, patient in enumerate(ranked):
+        lap, seat = divmod(position, num_shards)
+        shards[seat if lap % 2 == 0 else num_shards - 1 - seat].append((patient, 0, 1))
+    means = [sum(costs[p] for p, _, _ in shard) / len(shard) for shard in shards]
+    bandable = max_parts is not None and all(int(n) >= num_shards for n in max_parts)
+    if max(means) <= IMBALANCE * min(means) or not bandable:
+        return shards
+    return [[(int(p), shard, num_shards) for p in order] for shard in range(num_shards)]

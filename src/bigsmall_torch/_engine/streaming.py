@@ -14,7 +14,9 @@ sliding-window inference (:class:`~bigsmall_torch.SlidingWindowDataset`) and the
 - **output**: per-sample dicts or whole batches built in the worker (shared-memory slots), the
   ``transform``, quotas, and the position committed only with what was actually yielded (a batch
   being filled is not yet consumed);
-- the **skip report** of ``on_error="skip"`` (:attr:`StreamingDataset.skipped`), and the slide cache
+- the **skip report** of ``on_error="skip"`` (:attr:`StreamingDataset.skipped`) and the
+  per-patient sample counts, carried from the workers to the main process
+  (:meth:`StreamingDataset.epoch_report`, :mod:`bigsmall_torch._engine.reports`), and the slide cache
   shared by the iterations of one process (closed when the last one ends).
 
 A front end implements :meth:`StreamingDataset._stream` (small chunks, setting ``live.cursor`` to the
@@ -28,6 +30,7 @@ import concurrent.futures
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -42,6 +45,7 @@ from ..errors import ConfigError, DatasetError, SlideError, UnusableSlidesError
 from ..io.slide import Backend, SlideCache
 from .batch_ring import InlineDict, apply_transform
 from .batching import BatchBuilder
+from .reports import EpochReport, ReportBox, WorkerReport
 from .reservoir import OnError, ReservoirStats
 from .sharding import Topology, current_topology, distributed_rank_and_world
 
@@ -112,8 +116,11 @@ class Live:
     cursor: int = 0  # the position after the last small chunk drawn (set by the front end)
     finished: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    samples: Counter[Any] = field(default_factory=Counter)  # per patient id, this iteration
+    reported: int = -1  # len(skipped) when the last report was written
     extra: Any = None  # the front end's (e.g. the reservoir)
     pid: int = field(default_factory=os.getpid)  # a forked worker ignores its parent's iteration
+    started: int = field(default_factory=time.time_ns)  # orders the iterations' reports
 
 
 class StreamingDataset(IterableDataset[Any]):
@@ -152,6 +159,7 @@ class StreamingDataset(IterableDataset[Any]):
         self._live: Live | None = None
         self._pending: dict[str, Any] | None = None
         self._refused: dict[Any, str] = {}  # patients left out at construction (on_error="skip")
+        self._reports = ReportBox()
         self.last_stats = ReservoirStats()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -245,15 +253,41 @@ class StreamingDataset(IterableDataset[Any]):
     @property
     def skipped(self) -> dict[Any, str]:
         """What ``on_error="skip"`` left out, with a one-line reason each: the patients refused at
-        construction (patient id -> reason), and what the latest iteration in this process skipped
-        while streaming (a slide's path, or a window as ``"patient 'x' window (row r, col c)"``).
-        With DataLoader workers the streaming part lives in each worker (logged there as warnings,
-        counted in ``state_dict()``); the construction part is the same everywhere."""
+        construction (patient id -> reason), and what the latest iteration of the current epoch
+        skipped while streaming (a slide's path, or a window as
+        ``"patient 'x' window (row r, col c)"``), in this process or in its DataLoader workers
+        (each worker reports a skip as it happens and again when its stream ends; see
+        :meth:`epoch_report`)."""
         report = dict(self._refused)
+        report.update(self._reports.epoch_report(self.epoch).skipped)
         live = self._live
-        if live is not None:
+        if live is not None and live.pid == os.getpid():
             report.update(live.skipped)
         return report
+
+    def epoch_report(self, epoch: int | None = None) -> EpochReport:
+        """What the workers of the latest iteration of ``epoch`` (default: the current one)
+        reported: samples per patient id, what they skipped while streaming and why, and each
+        worker's own report (its samples, skips, loading-thread busy fraction, whether it finished).
+
+        Read in the main process after (or during) an epoch; workers report when they skip and
+        when their stream ends, so a finished epoch is complete (``report.complete``). Covers this
+        rank's workers (each rank has its own dataset). Construction-time skips are in
+        :attr:`skipped`, not here.
+        """
+        return self._reports.epoch_report(self.epoch if epoch is None else int(epoch))
+
+    def _report(self, live: Live, *, busy: float | None = None) -> None:
+        """Write this worker's report of ``live`` (see :mod:`bigsmall_torch._engine.reports`)."""
+        live.reported = len(live.skipped)
+        info = torch.utils.data.get_worker_info()
+        topo = live.topology
+        self._reports.write(WorkerReport(
+            rank=int(topo["rank"]), worker=int(topo["worker"]), num_workers=int(topo["num_workers"]),
+            epoch=live.epoch, iteration=None if info is None else int(info.seed) - int(info.id),
+            started=live.started, samples=dict(live.samples), skipped=dict(live.skipped),
+            busy=busy, finished=live.finished,
+        ))  # fmt: skip
 
     def _refuse_bad_patients(self, dataset: Dataset, check: Callable[[Patient], None]) -> Dataset:
         """Run ``check`` on every patient (threads: slide headers are I/O) and apply ``on_error``:
@@ -309,6 +343,9 @@ class StreamingDataset(IterableDataset[Any]):
         stats, clock = self.last_stats, time.perf_counter
         for count, small in enumerate(smalls, start=1):
             t0 = clock()
+            live.samples[small.patient.id] += 1
+            if len(live.skipped) != live.reported:
+                self._report(live)
             sample = self._emit(small)
             t1 = clock()
             if self.transform is not None:
@@ -332,6 +369,9 @@ class StreamingDataset(IterableDataset[Any]):
         stats, clock = self.last_stats, time.perf_counter
         for count, small in enumerate(smalls, start=1):
             t0 = clock()
+            live.samples[small.patient.id] += 1
+            if len(live.skipped) != live.reported:
+                self._report(live)
             builder.add(small)
             last = quota is not None and count >= quota
             if len(builder) == batch_size or last:

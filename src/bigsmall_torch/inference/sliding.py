@@ -298,7 +298,8 @@ class SlidingWindowDataset(StreamingDataset):
         return [grids[patient.id] for patient in self.dataset.patients]
 
     def _grid(self, patient: Patient, slides: SlideCache) -> Grid:
-        reader = slides.get(patient.record(self.record_key).path)
+        record = patient.record(self.record_key)
+        reader = slides.get(record.path, mpp=record.info.get("mpp"))
         choice = self.resolution.choose(reader.info)
         width, height = extent(reader.info, choice)
         (pw, ph), (sx, sy) = self.patch_size, self.stride
@@ -532,6 +533,7 @@ class SlidingWindowDataset(StreamingDataset):
             live.finished = True
         finally:
             self.slides.release()
+            self._report(live)
 
     def _positioned(self, start: int, stop: int, first: int, live: Live) -> Iterator[SmallChunk]:
         """The windows ``[start, stop)``, moving ``live.cursor`` (the worker's position: windows

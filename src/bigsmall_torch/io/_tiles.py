@@ -1,4 +1,4 @@
-"""The tile-direct fast path: read a region of a JPEG-tiled TIFF level by decoding its tiles.
+"""The tile-direct fast path: read a region of a JPEG or JPEG 2000 tiled TIFF level from its tiles.
 
 ``read_region`` of tiffslide and openslide costs far more than the JPEG decoding it does for big
 regions. :class:`TileDecoder` reads the compressed tiles covering a region with ``os.pread`` (one
@@ -7,6 +7,16 @@ in the calling thread and ``threads - 1`` pool threads, and copies each tile, cr
 region's edges, into one preallocated array. Pixels equal tiffslide's ``read_region`` exactly (same libjpeg, same color
 conversion as tifffile); tiles absent from the file (zero byte count) are filled with the page's
 ``nodata`` value (0, as tiffslide does and as openslide's transparent pixels give without alpha).
+
+JPEG 2000 tiles (TIFF compression 33003 and 33005, Aperio's "YCbCr" and "RGB" codestreams, 33004
+and 34712) are decoded by ``imagecodecs.jpeg2k_decode`` (OpenJPEG), called as tifffile calls it, so
+the pixels are tiffslide's: OpenJPEG inverts the codestream's own colour transform (Aperio 33005),
+imagecodecs converts a 3-component codestream whose chroma components are subsampled from sYCC to
+RGB itself (Aperio 33003), and returns any other codestream's components as they are; tifffile adds
+no conversion of its own for JPEG 2000, whatever the Photometric tag says. (openslide converts every
+33003 tile from YCbCr with its own arithmetic, so on such slides its pixels may differ from
+tiffslide's, and so from these.) A tile is decoded whole by one thread (``numthreads=1``: the pool
+is the parallelism).
 
 Corrupt tiles are errors, never wrong pixels. imagecodecs (and so tifffile and tiffslide) decodes
 through libjpeg but drops libjpeg's *warnings*, and corrupt entropy-coded data is exactly what libjpeg
@@ -19,6 +29,9 @@ TurboJPEG at 1/8 scale (:func:`check_jpeg`). A warning raises :class:`~bigsmall_
 naming the file, the level and the tile. What libjpeg cannot see, nobody downstream can: bytes
 overwritten so that the Huffman stream still parses to the right length decode to wrong pixels
 without any warning (JPEG carries no checksum; ``python -m benchmarks.bench_corruption`` counts both).
+JPEG 2000 has no such warnings to promote: a codestream OpenJPEG cannot decode (broken markers,
+truncated) raises :class:`~bigsmall_torch.SlideReadError` naming the file, level and tile in either
+mode, and damaged packet data decodes silently in every reader (no checksum either).
 """
 
 from __future__ import annotations
@@ -43,6 +56,9 @@ __all__ = ["TileDecoder", "check_jpeg"]
 logger = logging.getLogger(__name__)
 
 _JPEG = 7  # TIFF Compression tag value of "new-style" JPEG
+# TIFF Compression tag values of JPEG 2000 codestreams, all decoded alike by tifffile: Aperio's
+# "YCbCr" (33003) and "RGB" (33005), "JPEG 2000 lossy" (33004) and the registered one (34712).
+_JPEG2000 = frozenset({33003, 33004, 33005, 34712})
 _RGB, _YCBCR = 2, 6  # TIFF PhotometricInterpretation values
 _MAX_GAP = 64 * 1024  # tiles this close in the file are read in one pread (the gap is read too)
 _MAX_RUN = 16 * 1024 * 1024  # largest single pread
@@ -51,7 +67,10 @@ _Task = tuple[int, int, list[tuple[int, int, int, int]]]
 
 
 class TileDecoder:
-    """Reads regions of one tiled JPEG level (8-bit RGB or YCbCr) straight from its tiles.
+    """Reads regions of one tiled JPEG or JPEG 2000 level (8-bit RGB or YCbCr) from its tiles.
+
+    ``compression`` is the level's TIFF Compression tag value: 7 (JPEG; ``jpegtables`` and
+    ``colorspace`` as tifffile derives them) or 33003, 33004, 33005, 34712 (JPEG 2000; both None).
 
     Safe to share between threads, to use after ``fork`` (the child opens its own file descriptor
     and thread pool) and to pickle (the copy reopens the file lazily).
@@ -68,6 +87,7 @@ class TileDecoder:
         bytecounts: np.ndarray,
         jpegtables: bytes | None,
         colorspace: int | None,
+        compression: int = _JPEG,
         nodata: int = 0,
         threads: int = 4,
         strict: bool = True,
@@ -75,6 +95,12 @@ class TileDecoder:
     ) -> None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"TileDecoder: threads must be an int >= 1, got {threads!r}")
+        if compression != _JPEG and compression not in _JPEG2000:
+            allowed = ", ".join(str(c) for c in sorted({_JPEG, *_JPEG2000}))
+            raise ConfigError(
+                f"TileDecoder: compression must be a TIFF compression tag value among {allowed}, "
+                f"got {compression!r}"
+            )
         self.path = Path(path)
         self.level = level
         self.width, self.height = size
@@ -91,6 +117,9 @@ class TileDecoder:
         self._bytecounts = np.asarray(bytecounts, dtype=np.int64)
         self._tables = jpegtables
         self._colorspace = colorspace
+        self.compression = int(compression)
+        self._jpeg2000 = self.compression in _JPEG2000
+        self._codec = "JPEG 2000" if self._jpeg2000 else "JPEG"
         self.nodata = nodata
         self.threads = threads
         self.strict = bool(strict)
@@ -117,15 +146,20 @@ class TileDecoder:
         level: int | None = None,
         strict: bool = True,
     ) -> TileDecoder | None:
-        """A decoder for a tiled, 8-bit, 3-sample (RGB or YCbCr) JPEG page of ``tif``; None when the
-        page is not eligible (not tiled, other compression, other sample layout) so callers fall
-        back to ``read_region``. ``path`` defaults to the file of ``tif``; ``level`` (for messages)
-        to the page's position among the levels of ``tif``'s first series."""
+        """A decoder for a tiled, 8-bit, 3-sample (RGB or YCbCr) JPEG or JPEG 2000 (TIFF
+        compression 33003, 33004, 33005, 34712) page of ``tif``; None when the page is not eligible
+        (not tiled, other compression, other sample layout) so callers fall back to
+        ``read_region``. ``path`` defaults to the file of ``tif``; ``level`` (for messages) to the
+        page's position among the levels of ``tif``'s first series."""
+        jpeg2000 = page.compression in _JPEG2000
         eligible = (
             hasattr(os, "pread")
             and page.is_tiled
-            and page.compression == _JPEG
+            and (page.compression == _JPEG or jpeg2000)
             and page.photometric in (_RGB, _YCBCR)
+            # tifffile refuses chroma subsampling (a YCbCr page without YCbCrSubSampling = 1, 1)
+            # outside JPEG: such a page stays with read_region and fails there as tiffslide does.
+            and not (jpeg2000 and page.is_subsampled)
             and page.bitspersample == 8
             and page.samplesperpixel == 3
             and not page.extrasamples
@@ -140,7 +174,8 @@ class TileDecoder:
             levels = [lv.keyframe for lv in tif.series[0].levels] if tif.series else []
             level = next((i for i, kf in enumerate(levels) if kf is page), None)
         # As tifffile.jpeg_decode_colorspace: Aperio's RGB tiles carry no JFIF marker.
-        colorspace = _RGB if page.photometric == _RGB and not page.is_jfif else None
+        jpeg_rgb = not jpeg2000 and page.photometric == _RGB and not page.is_jfif
+        colorspace = _RGB if jpeg_rgb else None
         nodata = page.nodata  # tiffslide fills absent tiles with it (tifffile's zarr fill value)
         fill = int(nodata) if isinstance(nodata, (int, float)) and 0 <= nodata <= 255 else 0
         return cls(
@@ -150,8 +185,9 @@ class TileDecoder:
             tile=(int(page.tilewidth), int(page.tilelength)),
             offsets=np.asarray(page.dataoffsets),
             bytecounts=np.asarray(page.databytecounts),
-            jpegtables=page.jpegtables,
+            jpegtables=None if jpeg2000 else page.jpegtables,
             colorspace=colorspace,
+            compression=int(page.compression),
             nodata=fill,
             threads=threads,
             strict=strict,
@@ -298,9 +334,12 @@ class TileDecoder:
         YCbCr tiles (the usual case) are decoded once, by libjpeg-turbo's TurboJPEG API with
         stop-on-warning (simplejpeg): the same pixels as imagecodecs, the check for free. RGB tiles
         without a JFIF marker (Aperio's "RGB" JPEG) need the colour space set, which only imagecodecs
-        can; they are decoded by it and then checked (:func:`check_jpeg`)."""
+        can; they are decoded by it and then checked (:func:`check_jpeg`). JPEG 2000 tiles are
+        decoded by OpenJPEG exactly as tifffile does (see the module's notes)."""
         import imagecodecs
 
+        if self._jpeg2000:
+            return cast(np.ndarray, imagecodecs.jpeg2k_decode(cast(bytes, data), numthreads=1))
         if self.strict and self._colorspace is None:
             import simplejpeg
 
@@ -327,8 +366,8 @@ class TileDecoder:
             col, row = tiles[0][:2]
             raise SlideReadError(
                 self.path,
-                f"cannot read JPEG tile (col, row) = ({col}, {row}) of level {self.level} "
-                f"at file offset {offset}: {exc}",
+                f"cannot read {self._codec} tile (col, row) = ({col}, {row}) of level "
+                f"{self.level} at file offset {offset}: {exc}",
             ) from exc
         view = memoryview(data)
         for col, row, start, size in tiles:
@@ -345,13 +384,17 @@ class TileDecoder:
                     or tile.shape[2] != 3
                     or tile.shape[0] < need_h
                     or tile.shape[1] < need_w
+                    or tile.dtype != np.uint8
                 ):
-                    raise ValueError(f"decoded shape {tile.shape}, expected ({th}, {tw}, 3)")
+                    raise ValueError(
+                        f"decoded {tile.dtype} of shape {tile.shape}, "
+                        f"expected uint8 ({th}, {tw}, 3)"
+                    )
             except Exception as exc:  # imagecodecs and simplejpeg raise their own error types
                 raise SlideReadError(
                     self.path,
-                    f"cannot decode JPEG tile (col, row) = ({col}, {row}) of level {self.level} "
-                    f"at file offset {offset + start}: {exc}",
+                    f"cannot decode {self._codec} tile (col, row) = ({col}, {row}) of level "
+                    f"{self.level} at file offset {offset + start}: {exc}",
                 ) from exc
             oy0, ox0 = max(top - y, 0), max(left - x, 0)
             oy1, ox1 = min(top + th - y, height), min(left + tw - x, width)

@@ -1,36 +1,55 @@
-"""Slide I/O: one small reader protocol over openslide and tiffslide, and a per-worker LRU of handles.
+"""Slide I/O: one small reader protocol over tiffslide, openslide and plain images, and a per-worker
+LRU of handles.
 
 Everything in bigsmall_torch that touches a slide file goes through :func:`open_slide`. Readers return
 ``H x W x 3`` ``uint8`` numpy arrays; locations are level-0 pixels, sizes are pixels of the level read.
+Plain images (stripped TIFFs, PNG, JPEG, BMP, ...) are read by the ``"image"`` backend
+(:mod:`bigsmall_torch.io._image`) as one-level slides with a virtual pyramid.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..errors import ConfigError, SlideOpenError, SlideReadError
 from ._tiles import TileDecoder, check_page_tiles
 
-__all__ = ["Backend", "SlideCache", "SlideInfo", "SlideReader", "open_slide", "slide_info"]
+if TYPE_CHECKING:
+    from ._image import ImageReader
+
+__all__ = [
+    "Backend",
+    "SlideCache",
+    "SlideInfo",
+    "SlideReader",
+    "check_mpp_hint",
+    "open_slide",
+    "slide_info",
+    "tiff_codec",
+]
 
 logger = logging.getLogger(__name__)
 
 
 class Backend(str, Enum):
-    """Which library reads a slide. ``AUTO`` tries tiffslide, then openslide, per file."""
+    """Which library reads a slide. ``AUTO`` tries tiffslide, then openslide, then ``IMAGE`` (plain
+    images as one-level slides: stripped TIFFs, PNG, JPEG, BMP, ...), per file."""
 
     AUTO = "auto"
     OPENSLIDE = "openslide"
     TIFFSLIDE = "tiffslide"
+    IMAGE = "image"
 
 
 @dataclass(frozen=True)
@@ -45,6 +64,9 @@ class SlideInfo:
     objective_power: float | None
     vendor: str | None
     tile_size: tuple[int, int] | None
+    #: How level 0 is compressed, lowercase (``"jpeg"``, ``"jpeg2000"``, ``"lzw"``, ``"deflate"``,
+    #: ``"none"``, ``"png"``, ...), None when the backend does not tell; a hint of decode cost.
+    codec: str | None = None
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -84,10 +106,63 @@ def _as_float(value: Any) -> float | None:
     return result if result > 0 else None
 
 
+# TIFF Compression values sharing a codec; the others are named by tifffile.
+_CODECS = {6: "jpeg", 7: "jpeg", 33007: "jpeg", 34892: "jpeg", 8: "deflate", 32946: "deflate",
+           33003: "jpeg2000", 33004: "jpeg2000", 33005: "jpeg2000", 34712: "jpeg2000",
+           34926: "zstd", 50000: "zstd", 34927: "webp", 50001: "webp", 50002: "jpegxl",
+           52546: "jpegxl", 22610: "jpegxr", 34934: "jpegxr"}  # fmt: skip
+
+
+def tiff_codec(compression: int) -> str:
+    """The lowercase name of a TIFF Compression tag value: ``"none"``, ``"lzw"``, ``"deflate"``,
+    ``"jpeg"``, ``"jpeg2000"`` (Aperio's 33003/33005 too), ``"packbits"``, ``"webp"``, ``"zstd"``,
+    ...; ``"compression-<n>"`` for a value tifffile does not know."""
+    if compression in _CODECS:
+        return _CODECS[compression]
+    import tifffile
+
+    try:
+        return str(tifffile.COMPRESSION(compression).name).lower()
+    except ValueError:
+        return f"compression-{compression}"
+
+
+def _tiff_file_codec(path: Path) -> str | None:
+    """The codec of the first page of ``path`` when it is a TIFF tifffile parses, else None."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tiff_codec(int(tif.pages.first.compression))
+    except Exception:  # not a TIFF (mirax, DICOM, ...) or one tifffile cannot parse: no hint
+        return None
+
+
+# DICOM transfer syntaxes "1.2.840.10008.1.2" + suffix -> codec.
+_DICOM_CODECS = {"": "none", ".1": "none", ".2": "none", ".5": "rle", ".4.50": "jpeg",
+                 ".4.51": "jpeg", ".4.57": "jpeg", ".4.70": "jpeg", ".4.80": "jpegls",
+                 ".4.81": "jpegls", ".4.90": "jpeg2000", ".4.91": "jpeg2000"}  # fmt: skip
+
+
+def _openslide_codec(properties: Any, path: Path) -> str | None:
+    """Level 0's codec of a slide OpenSlide opened: DICOM's transfer syntax (``"dicom"`` when
+    unknown), else the first TIFF page's compression for TIFF-based formats, else None."""
+    if properties.get("openslide.vendor") == "dicom":
+        syntax = str(properties.get("dicom.TransferSyntaxUID", ""))
+        return _DICOM_CODECS.get(syntax.removeprefix("1.2.840.10008.1.2"), "dicom")
+    return _tiff_file_codec(path)
+
+
 class _ReaderBase:
     """Region checks shared by the backends."""
 
     info: SlideInfo
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of decoded pixels this reader holds (a decoded plain image); 0 for tiled slides,
+        whose tile caches are bounded elsewhere. :class:`SlideCache` bounds the sum."""
+        return 0
 
     def _check_region(self, x: int, y: int, level: int, width: int, height: int) -> None:
         levels = self.info.level_count
@@ -134,7 +209,8 @@ def _check_tiff_levels(tif: Any, path: Path) -> tuple[int, int]:
 
 
 class _TiffSlideReader(_ReaderBase):
-    """tiffslide, with the tile-direct fast path (:mod:`bigsmall_torch.io._tiles`) for JPEG-tiled levels."""
+    """tiffslide, with the tile-direct fast path (:mod:`bigsmall_torch.io._tiles`) for JPEG- and
+    JPEG 2000-tiled levels."""
 
     def __init__(
         self, path: Path, cache_bytes: int | None = None, decode_threads: int = 1, strict: bool = True
@@ -160,6 +236,7 @@ class _TiffSlideReader(_ReaderBase):
             objective_power=_as_float(props.get("tiffslide.objective-power")),
             vendor=props.get("tiffslide.vendor"),
             tile_size=tile,
+            codec=tiff_codec(int(self._slide.ts_tifffile.series[0].levels[0].keyframe.compression)),
         )
 
     def _decoder(self, level: int) -> TileDecoder | None:
@@ -238,6 +315,7 @@ class _OpenSlideReader(_ReaderBase):
             objective_power=_as_float(props.get("openslide.objective-power")),
             vendor=props.get("openslide.vendor"),
             tile_size=(int(tw), int(th)) if tw and th else None,
+            codec=_openslide_codec(props, path),
         )
 
     def read(
@@ -254,10 +332,16 @@ class _OpenSlideReader(_ReaderBase):
         self._slide.close()
 
 
-_BACKENDS: dict[Backend, type[_TiffSlideReader] | type[_OpenSlideReader]] = {
-    Backend.TIFFSLIDE: _TiffSlideReader,
-    Backend.OPENSLIDE: _OpenSlideReader,
-}
+def _reader_class(
+    backend: Backend,
+) -> type[_TiffSlideReader] | type[_OpenSlideReader] | type[ImageReader]:
+    if backend is Backend.TIFFSLIDE:
+        return _TiffSlideReader
+    if backend is Backend.OPENSLIDE:
+        return _OpenSlideReader
+    from ._image import ImageReader  # imports this module: loaded on first use
+
+    return ImageReader
 
 
 def _check_backend(backend: str | Backend) -> Backend:
@@ -276,9 +360,10 @@ def open_slide(
     decode_threads: int = 1,
     strict: bool = True,
 ) -> SlideReader:
-    """Open a slide with ``backend`` (``"auto"`` tries tiffslide, then openslide).
+    """Open a slide with ``backend`` (``"auto"`` tries tiffslide, then openslide, then ``"image"``).
 
-    With tiffslide, levels whose tiles are 8-bit RGB/YCbCr JPEG are read by decoding the tiles of
+    With tiffslide, levels whose tiles are 8-bit RGB/YCbCr JPEG or JPEG 2000 (TIFF compression
+    33003, 33004, 33005, 34712) are read by decoding the tiles of
     the region straight into the result (``decode_threads`` threads, the GIL released while
     decoding); other levels go through ``read_region``. Pixels are identical either way.
 
@@ -289,6 +374,11 @@ def open_slide(
 
     ``openslide_cache_bytes`` bounds OpenSlide's tile cache (one cache of that size shared by the
     process's slides); None keeps OpenSlide's default (32 MiB per slide).
+
+    The ``"image"`` backend reads plain images as one-level slides with a virtual pyramid
+    (downsamples 1, 2, 4, ...): stripped TIFFs by strips, other images (PNG, JPEG, BMP, whatever
+    Pillow opens) decoded whole at open; see :mod:`bigsmall_torch.io._image`. Tiled TIFFs are left
+    to tiffslide and openslide.
 
     Raises:
         SlideOpenError: the file is missing, is a folder, or no backend tried can read it; the
@@ -302,11 +392,11 @@ def open_slide(
         raise SlideOpenError(file, "is a folder, not a slide file")
     if file.stat().st_size == 0:
         raise SlideOpenError(file, "the file is empty")
-    order = [Backend.TIFFSLIDE, Backend.OPENSLIDE] if chosen is Backend.AUTO else [chosen]
+    order = [Backend.TIFFSLIDE, Backend.OPENSLIDE, Backend.IMAGE] if chosen is Backend.AUTO else [chosen]
     reasons: list[str] = []
     for candidate in order:
         try:
-            reader = _BACKENDS[candidate](file, openslide_cache_bytes, decode_threads, bool(strict))
+            reader = _reader_class(candidate)(file, openslide_cache_bytes, decode_threads, bool(strict))
         except Exception as exc:  # each backend refuses in its own exception types
             reasons.append(f"{candidate.value}: {exc}")
             continue
@@ -330,13 +420,39 @@ def slide_info(path: str | os.PathLike[str], *, backend: str | Backend = "auto")
         reader.close()
 
 
+def check_mpp_hint(value: Any, where: str | os.PathLike[str]) -> float | None:
+    """An mpp hint (a record's ``info["mpp"]``) as a float > 0, or None when ``value`` is None.
+
+    A number or a string of one (``"0.25"`` from a CSV) is accepted; anything else raises a
+    :class:`ConfigError` naming ``where`` (the slide or record)."""
+    if value is None:
+        return None
+    mpp: float | None = None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        mpp = float(value)
+    elif isinstance(value, str):
+        try:
+            mpp = float(value.strip())
+        except ValueError:
+            mpp = None
+    if mpp is None or not math.isfinite(mpp) or mpp <= 0:
+        raise ConfigError(
+            f"{os.fspath(where)}: the mpp hint (record info['mpp']) must be a number > 0 or a "
+            f"string of one, e.g. 0.25, got {value!r}"
+        )
+    return mpp
+
+
 class SlideCache:
     """A small LRU of open slide readers, one per process (a DataLoader worker opens its own).
 
     Opening is lazy; when more than ``capacity`` slides are open the least recently used is closed, so
     file handles stay bounded however many slides a worker streams from. OpenSlide's tile caches
     are bounded too: the process's openslide slides share one cache of ``openslide_cache_bytes``
-    (big chunks are read once, so a large tile cache buys little).
+    (big chunks are read once, so a large tile cache buys little). Plain images decoded whole at
+    open (the ``"image"`` backend) count against ``max_decoded_bytes``: while the readers' decoded
+    bytes (``resident_bytes``) add up to more, the least recently used reader holding any is closed
+    (never the one just returned).
     """
 
     def __init__(
@@ -347,6 +463,7 @@ class SlideCache:
         openslide_cache_bytes: int = 32 << 20,
         decode_threads: int = 2,
         strict: bool = True,
+        max_decoded_bytes: int = 1 << 30,
     ) -> None:
         if not isinstance(capacity, int) or capacity < 1:
             raise ConfigError(f"SlideCache: capacity must be an int >= 1, got {capacity!r}")
@@ -356,12 +473,22 @@ class SlideCache:
             )
         if isinstance(decode_threads, bool) or not isinstance(decode_threads, int) or decode_threads < 1:
             raise ConfigError(f"SlideCache: decode_threads must be an int >= 1, got {decode_threads!r}")
+        if (
+            isinstance(max_decoded_bytes, bool)
+            or not isinstance(max_decoded_bytes, int)
+            or max_decoded_bytes < 0
+        ):
+            raise ConfigError(
+                f"SlideCache: max_decoded_bytes must be an int >= 0, got {max_decoded_bytes!r}"
+            )
         self.capacity = capacity
+        self.max_decoded_bytes = max_decoded_bytes
         self.openslide_cache_bytes = openslide_cache_bytes
         self.decode_threads = decode_threads
         self.strict = bool(strict)
         self.backend = _check_backend(backend)
         self._open: OrderedDict[Path, SlideReader] = OrderedDict()
+        self._mpp_hints: dict[Path, float] = {}  # travels with a pickled cache: plain numbers
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._users = 0
@@ -394,27 +521,61 @@ class SlideCache:
         for reader in readers:
             reader.close()
 
-    def get(self, path: str | os.PathLike[str]) -> SlideReader:
-        """The open reader of ``path``, opening it (and closing the least recently used) if needed."""
+    def get(self, path: str | os.PathLike[str], *, mpp: float | str | None = None) -> SlideReader:
+        """The open reader of ``path``, opening it (and closing the least recently used) if needed.
+
+        ``mpp`` is a fallback resolution for files that record none (a record's ``info["mpp"]``,
+        e.g. for a PNG): when the reader's ``info.mpp`` is None its info gets this mpp; an mpp the
+        file records is never overridden. The hint is remembered for ``path``, so reopening the
+        slide later (after eviction) without one applies it again; a number > 0 or a string of
+        one, else :class:`ConfigError` naming the path.
+        """
         key = Path(path)
+        hint = check_mpp_hint(mpp, key)
         with self._lock:
             self._own()  # inherited through fork: never share handles
+            if hint is not None:
+                self._mpp_hints[key] = hint
             reader = self._open.get(key)
             if reader is not None:
                 self._open.move_to_end(key)
-                return reader
-            reader = open_slide(
-                key,
-                backend=self.backend,
-                openslide_cache_bytes=self.openslide_cache_bytes,
-                decode_threads=self.decode_threads,
-                strict=self.strict,
-            )
-            self._open[key] = reader
-            while len(self._open) > self.capacity:
-                _, evicted = self._open.popitem(last=False)
-                evicted.close()
+            else:
+                reader = open_slide(
+                    key,
+                    backend=self.backend,
+                    openslide_cache_bytes=self.openslide_cache_bytes,
+                    decode_threads=self.decode_threads,
+                    strict=self.strict,
+                )
+                self._open[key] = reader
+                while len(self._open) > self.capacity:
+                    _, evicted = self._open.popitem(last=False)
+                    evicted.close()
+            remembered = self._mpp_hints.get(key)
+            if remembered is not None and reader.info.mpp is None and isinstance(reader, _ReaderBase):
+                reader.info = replace(reader.info, mpp=remembered)
+            self._bound_decoded(key)
             return reader
+
+    def _bound_decoded(self, keep: Path) -> None:
+        """Close the least recently used readers holding decoded pixels while their bytes add up
+        to more than ``max_decoded_bytes`` (never ``keep``); call with the lock held."""
+        sizes = {key: int(getattr(reader, "resident_bytes", 0)) for key, reader in self._open.items()}
+        total = sum(sizes.values())
+        for key in list(self._open):
+            if total <= self.max_decoded_bytes:
+                break
+            if key == keep or not sizes[key]:
+                continue
+            total -= sizes[key]
+            self._open.pop(key).close()
+            logger.debug("closed %s: decoded images over max_decoded_bytes", key)
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of decoded pixels the open readers hold (see ``max_decoded_bytes``)."""
+        with self._lock:
+            return sum(int(getattr(reader, "resident_bytes", 0)) for reader in self._open.values())
 
     def __len__(self) -> int:
         return len(self._open)
