@@ -76,8 +76,8 @@ class RandomRegionLoader(BigChunkLoader):
 
     The region lies inside the slide (its top-left is drawn so that it fits). When several workers
     share one slide the region is drawn inside this worker's band (:func:`part_bounds`) and clipped to
-    it. A ``size`` larger than a slide, a missing level or an ``mpp`` asked of a slide without one is
-    refused when the dataset is built. A record's ``info["mpp"]`` is the slide's mpp when the file
+    it; a slide (or band) smaller than ``size`` gives chunks clipped to it. A missing level or an
+    ``mpp`` asked of a slide without one is refused when the dataset is built. A record's ``info["mpp"]`` is the slide's mpp when the file
     records none (a PNG, say; see :meth:`~bigsmall_torch.SlideCache.get`).
     """
 
