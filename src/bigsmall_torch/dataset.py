@@ -408,7 +408,8 @@ class BigSmallDataset(StreamingDataset):
         )
         owned = [(patients[i], (part, parts)) for i, part, parts in shards[topo.shard]]
         mine = {i for i, _, _ in shards[topo.shard]}
-        reserve = [(patients[i], (0, 1)) for shard in shards for i, _, _ in shard if i not in mine]
+        dealt = dict.fromkeys(i for shard in shards for i, _, _ in shard)  # once each, in order
+        reserve = [(patients[i], (0, 1)) for i in dealt if i not in mine]
         return Reservoir(
             owned,
             self.loader,
@@ -422,7 +423,7 @@ class BigSmallDataset(StreamingDataset):
             on_error=self.on_error,
             scheduler=copy.deepcopy(self.scheduler),
             board=self.board,
-            reserve=list({id(p): (p, part) for p, part in reserve}.values()),
+            reserve=reserve,
             skip_errors=self.skip_errors,
             unusable=unusable,
         )
@@ -462,12 +463,12 @@ class BigSmallDataset(StreamingDataset):
         self._check_epoch_split()
         topo, live, pending = self._begin()
         resume: dict[str, Any] | None = None
-        cohort = pickle.dumps(self._cohort())
+        cohort: bytes | None = None
         if pending is not None:
             self._states = pickle.loads(pending["states"])  # our own checkpoint
             resume = pending["reservoir"]
-            cohort = pending.get("cohort", cohort)
-        live.extra = _Resuming(resume, None, cohort)
+            cohort = pending.get("cohort")
+        live.extra = _Resuming(resume, None, cohort or pickle.dumps(self._cohort()))
         quota = self.shard_quota(topo)
         if quota is not None:
             quota -= live.yielded

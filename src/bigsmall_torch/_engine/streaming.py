@@ -277,6 +277,12 @@ class StreamingDataset(IterableDataset[Any]):
         """
         return self._reports.epoch_report(self.epoch if epoch is None else int(epoch))
 
+    def _count(self, live: Live, small: SmallChunk) -> None:
+        """Count ``small`` for its patient, and report skips that happened since the last report."""
+        live.samples[small.patient.id] += 1
+        if len(live.skipped) != live.reported:
+            self._report(live)
+
     def _report(self, live: Live, *, busy: float | None = None) -> None:
         """Write this worker's report of ``live`` (see :mod:`bigsmall_torch._engine.reports`)."""
         live.reported = len(live.skipped)
@@ -343,9 +349,7 @@ class StreamingDataset(IterableDataset[Any]):
         stats, clock = self.last_stats, time.perf_counter
         for count, small in enumerate(smalls, start=1):
             t0 = clock()
-            live.samples[small.patient.id] += 1
-            if len(live.skipped) != live.reported:
-                self._report(live)
+            self._count(live, small)
             sample = self._emit(small)
             t1 = clock()
             if self.transform is not None:
@@ -369,9 +373,7 @@ class StreamingDataset(IterableDataset[Any]):
         stats, clock = self.last_stats, time.perf_counter
         for count, small in enumerate(smalls, start=1):
             t0 = clock()
-            live.samples[small.patient.id] += 1
-            if len(live.skipped) != live.reported:
-                self._report(live)
+            self._count(live, small)
             builder.add(small)
             last = quota is not None and count >= quota
             if len(builder) == batch_size or last:
