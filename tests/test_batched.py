@@ -167,9 +167,9 @@ def test_without_the_storage_use_count_the_ring_is_not_used(
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as in a worker
     with caplog.at_level(logging.INFO, logger=_batch_ring.__name__):
         acquired = [_batch_ring.acquire_images((4, 3, 8, 8)) for _ in range(3)]
-    assert [lease for _, lease in acquired] == [None, None, None] and _batch_ring._RING is None
-    assert all(images.is_shared() and images.shape == (4, 3, 8, 8) for images, _ in acquired)
-    assert len({images.data_ptr() for images, _ in acquired}) == 3
+    assert [lease for _, _, lease in acquired] == [None, None, None] and _batch_ring._RING is None
+    assert all(images.is_shared() and images.shape == (4, 3, 8, 8) for images, _, _ in acquired)
+    assert len({images.data_ptr() for images, _, _ in acquired}) == 3
     assert [r.levelno for r in caplog.records] == [logging.INFO]  # said once
     assert "_storage_Use_Count" in caplog.records[0].getMessage()
     assert not _batch_ring._only_ring_holds(torch.UntypedStorage(8))  # never "free" on a guess

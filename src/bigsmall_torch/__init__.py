@@ -11,11 +11,13 @@ from ._engine.reports import EpochReport, WorkerReport
 from ._engine.reservoir import OnError, Reservoir, ReservoirStats
 from ._engine.sharding import Topology
 from ._version import __version__
+from .annotations import AnnotationKind, Annotations, ClassRegions, read_annotations, write_geojson
 from .chunks import BigChunk, BigChunkLoader, ChunkContext, SmallChunk, SmallChunkCollector
-from .collectors import RandomCropCollector
+from .collectors import LabelRule, RandomCropCollector
 from .data import Dataset, Patient, Record
 from .dataset import BigSmallDataset, Sharding
 from .errors import (
+    AnnotationError,
     BigSmallError,
     ConfigError,
     DatasetError,
@@ -35,7 +37,7 @@ from .inference.stitching import Stitcher, StitchMode, StitchResult
 from .io.resolution import LevelChoice, Resolution
 from .io.slide import Backend, SlideCache, SlideInfo, SlideReader, open_slide, slide_info
 from .io.tissue import TissueDetector, TissueMask, render_tissue, tissue_mask
-from .loaders import RandomRegionLoader
+from .loaders import ClassBalance, RandomRegionLoader
 from .schedulers import (
     Candidate,
     LabelBalancedScheduler,
@@ -46,6 +48,9 @@ from .schedulers import (
 from .visualize import ChunkInfoCollector, SampledPatches, SamplingRecorder, render_sampling
 
 __all__ = [
+    "AnnotationError",
+    "AnnotationKind",
+    "Annotations",
     "Backend",
     "BigChunk",
     "BigChunkLoader",
@@ -54,6 +59,8 @@ __all__ = [
     "Candidate",
     "ChunkContext",
     "ChunkInfoCollector",
+    "ClassBalance",
+    "ClassRegions",
     "ConfigError",
     "Dataset",
     "DatasetError",
@@ -62,6 +69,7 @@ __all__ = [
     "ExtractorError",
     "Grid",
     "LabelBalancedScheduler",
+    "LabelRule",
     "LeastVisitedScheduler",
     "LevelChoice",
     "MissingDependencyError",
@@ -100,9 +108,11 @@ __all__ = [
     "WeightedScheduler",
     "WorkerReport",
     "open_slide",
+    "read_annotations",
     "render_sampling",
     "render_tissue",
     "slide_info",
     "tissue_mask",
+    "write_geojson",
     "__version__",
 ]

@@ -50,12 +50,17 @@ class BigChunk:
     ``data`` is usually an ``H x W x 3`` uint8 array; ``info`` describes where it came from (the
     built-in loader stores level-0 ``x``/``y``, ``level``, ``downsample``, ``width``, ``height``,
     ``record_key`` and ``path``). Loaders should store images with :func:`channel_planar`, so that
-    patches batch quickly as CHW tensors.
+    patches batch quickly as CHW tensors. ``labels``, when set, is the ``H x W`` uint8 label raster of
+    the region, pixel for pixel with ``data`` (0: no class, ``k + 1``: ``info["classes"][k]``; see
+    :class:`~bigsmall_torch.RandomRegionLoader`'s ``annotations``).
     """
 
     data: Any
     info: dict[str, Any]
     patient: Patient
+    labels: np.ndarray | None = None
+    #: Scratch space for collectors: what they derive from this chunk once (not part of equality).
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.data is None:
@@ -67,6 +72,16 @@ class BigChunk:
         if not isinstance(self.patient, Patient):
             raise ExtractorError(
                 f"BigChunk: patient must be a bigsmall_torch.Patient, got {type(self.patient).__name__}"
+            )
+        if self.labels is not None and (
+            not isinstance(self.labels, np.ndarray)
+            or self.labels.dtype != np.uint8
+            or self.labels.shape != np.shape(self.data)[:2]
+        ):
+            raise ExtractorError(
+                "BigChunk: labels must be a uint8 array of the data's height x width "
+                f"{np.shape(self.data)[:2]}, got {getattr(self.labels, 'dtype', type(self.labels).__name__)} "
+                f"{getattr(self.labels, 'shape', '')}"
             )
 
 

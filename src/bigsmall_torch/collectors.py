@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import math
 import warnings
+from enum import Enum
 
-from ._validate import positive_int, renamed, size_pair
+import numpy as np
+import torch
+
+from ._validate import choice, positive_int, renamed, size_pair
 from .chunks import BigChunk, ChunkContext, SmallChunk, SmallChunkCollector
-from .errors import ConfigError
+from .errors import ConfigError, ExtractorError
 from .io.resolution import to_level0
 from .io.tissue import TissueDetector, _skimage, tissue_mask
 
-__all__ = ["RandomCropCollector"]
+__all__ = ["LabelRule", "RandomCropCollector"]
+
+
+class LabelRule(str, Enum):
+    """How a patch's ``"target"`` is decided from its label raster.
+
+    ``CENTER``: the class at the patch's centre pixel (``(width // 2, height // 2)`` of the patch).
+    ``AREA``: the class covering most of the patch's pixels, "no class" (-1) included; ties go to
+    the later class.
+    """
+
+    CENTER = "center"
+    AREA = "area"
 
 
 class RandomCropCollector(SmallChunkCollector):
@@ -27,6 +43,17 @@ class RandomCropCollector(SmallChunkCollector):
         min_tissue: the tissue fraction ``tissue_only`` asks for, in [0, 1] (default 0.5).
         max_tries: draws per sample when ``tissue_only``.
         tissue_detector: how masks are computed (default :class:`~bigsmall_torch.TissueDetector`).
+        masks: add ``"mask"`` to every sample: the patch's ``[H, W]`` uint8 labels, pixel for pixel
+            with ``"image"`` (0: no class, ``k + 1``: ``classes[k]``). Needs big chunks with labels
+            (:class:`~bigsmall_torch.RandomRegionLoader` with ``annotations=``).
+        target: how ``"target"`` is decided (:class:`LabelRule`): ``"center"`` (default), the class
+            at the patch's centre pixel, or ``"area"``, the class covering most of the patch.
+        min_coverage: redraw patches whose annotated fraction (pixels of any class) is below this,
+            in [0, 1]; after ``max_tries`` draws the big chunk is retired (as with ``tissue_only``).
+
+    When the big chunk carries labels (annotations), every sample also carries ``"target"``: the
+    index in ``classes`` of the patch's class, -1 when it has none. A chunk placed for equal class
+    shares (``balance="equal"``) gives patches centred on pixels of its class.
 
     The crop is a view of the big chunk (no copy). Samples carry level-0 ``x``/``y`` of the crop's
     top-left, the ``level`` read and the ``mpp`` of the pixels (NaN when the slide has none). A big
@@ -42,8 +69,18 @@ class RandomCropCollector(SmallChunkCollector):
         max_tries: int = 10,
         tissue_detector: TissueDetector | None = None,
         size: int | tuple[int, int] | None = None,
+        masks: bool = False,
+        target: str | LabelRule = "center",
+        min_coverage: float = 0.0,
     ) -> None:
         patch = renamed("RandomCropCollector", "patch_size", patch_size, "size", size)
+        if not isinstance(masks, bool):
+            raise ConfigError(f"RandomCropCollector: masks must be True or False, got {masks!r}")
+        self.masks = masks
+        self.target = choice("RandomCropCollector: target", target, LabelRule)
+        if isinstance(min_coverage, bool) or not isinstance(min_coverage, (int, float)) or not 0 <= min_coverage <= 1:
+            raise ConfigError(f"RandomCropCollector: min_coverage must be a number in [0, 1], got {min_coverage!r}")
+        self.min_coverage = float(min_coverage)
         self._patch_size = size_pair("RandomCropCollector: patch_size", patch)
         if not isinstance(tissue_only, bool):
             raise ConfigError(f"RandomCropCollector: tissue_only must be True or False, got {tissue_only!r}")
@@ -79,6 +116,11 @@ class RandomCropCollector(SmallChunkCollector):
     def _filters(self) -> bool:
         return self.tissue_only and self.min_tissue > 0
 
+    @property
+    def needs_labels(self) -> bool:
+        """Whether big chunks must carry labels (``masks`` or ``min_coverage``)."""
+        return self.masks or self.min_coverage > 0
+
     def extract_smallchunk(
         self, call_count: int, bigchunk: BigChunk, ctx: ChunkContext
     ) -> SmallChunk | None:
@@ -88,12 +130,30 @@ class RandomCropCollector(SmallChunkCollector):
             return None
         info = bigchunk.info
         ds = info.get("downsample", 1.0)
-        filters = self._filters
-        for _ in range(self.max_tries if filters else 1):
-            cx = int(ctx.rng.integers(0, width - w + 1))
-            cy = int(ctx.rng.integers(0, height - h + 1))
-            if not filters or self._tissue(bigchunk, ctx, cx, cy) >= self.min_tissue:
-                break
+        labels = bigchunk.labels
+        if labels is None and self.needs_labels:
+            raise ExtractorError(
+                "RandomCropCollector(masks=True or min_coverage>0) needs big chunks with labels: "
+                "give the loader annotations= and classes= (RandomRegionLoader)"
+            )
+        focus = info.get("focus") if labels is not None else None
+        filters, coverage = self._filters, labels is not None and self.min_coverage > 0
+        for _ in range(self.max_tries if filters or coverage else 1):
+            if focus is None:
+                cx = int(ctx.rng.integers(0, width - w + 1))
+                cy = int(ctx.rng.integers(0, height - h + 1))
+            else:
+                drawn = self._on_focus(bigchunk, int(focus), ctx)
+                if drawn is None:
+                    return None  # no pixel of the chunk's class can centre a patch
+                cx, cy = drawn
+            if filters and self._tissue(bigchunk, ctx, cx, cy) < self.min_tissue:
+                continue
+            if coverage:
+                crop = labels[cy : cy + h, cx : cx + w]  # type: ignore[index]
+                if np.count_nonzero(crop) < self.min_coverage * crop.size:
+                    continue
+            break
         else:
             return None  # mostly background after max_tries: move on to another big chunk
         # The chunk's origin in its level's pixels (its level-0 x maps back to it), plus the crop's
@@ -105,7 +165,40 @@ class RandomCropCollector(SmallChunkCollector):
             "level": info.get("level", 0),
             "mpp": info.get("mpp", math.nan),
         }
+        if labels is not None:
+            crop = labels[cy : cy + h, cx : cx + w]
+            sample_info["target"] = self._target(crop, len(info.get("classes", ())))
+            if self.masks:
+                sample_info["mask"] = torch.from_numpy(crop)  # a view, as the image is
         return SmallChunk(bigchunk.data[cy : cy + h, cx : cx + w], sample_info, info, bigchunk.patient)
+
+    def _target(self, crop: np.ndarray, classes: int) -> int:
+        """The class index of a patch's labels (-1: none), by :attr:`target`."""
+        h, w = crop.shape
+        if self.target is LabelRule.CENTER:
+            return int(crop[h // 2, w // 2]) - 1
+        counts = np.bincount(crop.ravel(), minlength=classes + 1)
+        return len(counts) - 1 - int(np.argmax(counts[::-1])) - 1  # ties: the later class
+
+    def _on_focus(self, bigchunk: BigChunk, focus: int, ctx: ChunkContext) -> tuple[int, int] | None:
+        """Top-left of a patch whose centre pixel is drawn uniformly from the chunk's pixels of class
+        ``focus`` (those whose patch fits in the chunk); None when there are none."""
+        w, h = self._patch_size
+        key = ("focus", w, h)
+        cells = bigchunk.cache.get(key)
+        labels = bigchunk.labels
+        assert labels is not None
+        height, width = labels.shape
+        if cells is None:
+            # Centres (w // 2 + cx, h // 2 + cy) for every top-left (cx, cy) that fits.
+            centres = labels[h // 2 : height - h + h // 2 + 1, w // 2 : width - w + w // 2 + 1]
+            cells = np.flatnonzero(centres == focus + 1)
+            bigchunk.cache[key] = cells
+        if len(cells) == 0:
+            return None
+        cell = int(cells[ctx.rng.integers(len(cells))])
+        span = width - w + 1
+        return cell % span, cell // span
 
     def _tissue(self, bigchunk: BigChunk, ctx: ChunkContext, cx: int, cy: int) -> float:
         """Tissue fraction of the crop at ``(cx, cy)`` of ``bigchunk``."""
@@ -127,5 +220,6 @@ class RandomCropCollector(SmallChunkCollector):
     def __repr__(self) -> str:
         return (
             f"RandomCropCollector(patch_size={self._patch_size}, tissue_only={self.tissue_only}, "
-            f"min_tissue={self.min_tissue})"
+            f"min_tissue={self.min_tissue}, masks={self.masks}, target={self.target.value!r}, "
+            f"min_coverage={self.min_coverage})"
         )

@@ -232,6 +232,11 @@ class BigSmallDataset(StreamingDataset):
                 f"the collector's patch size {patch[0]}x{patch[1]} is larger than the loader's big "
                 f"chunks ({chunk[0]}x{chunk[1]})"
             )
+        if getattr(self.collector, "needs_labels", False) and getattr(self.loader, "gives_labels", None) is False:
+            raise ConfigError(
+                f"{self.collector!r} needs big chunks with labels (masks=True or min_coverage > 0), "
+                f"but {self.loader!r} gives none: pass annotations= and classes= to the loader"
+            )
 
     def chunk_bytes(self) -> int | None:
         """Bytes of one big chunk (3 channels of uint8 at the loader's chunk size), when known."""

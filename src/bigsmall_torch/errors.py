@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "AnnotationError",
     "BigSmallError",
     "ConfigError",
     "DatasetError",
@@ -121,6 +122,12 @@ class SlideOpenError(SlideError, OSError):
 
 class SlideReadError(SlideError, OSError):
     """Reading a region of an opened slide failed."""
+
+
+class AnnotationError(SlideError, ValueError):
+    """An annotation file cannot be used: it cannot be parsed, an object has bad coordinates or lies
+    outside the slide, or it holds none of the asked classes. ``path`` names the file and the
+    message the object. A :class:`SlideError`, so ``on_error="skip"`` leaves its patient out."""
 
 
 class UnusableSlidesError(DatasetError, SlideError):

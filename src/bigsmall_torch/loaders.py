@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from enum import Enum
+
 import numpy as np
 
-from ._validate import size_pair
+from ._validate import choice, size_pair
+from .annotations import ClassRegions, _shapely, patient_regions
 from .chunks import BigChunk, BigChunkLoader, ChunkContext, channel_planar
 from .data import Patient
 from .errors import ConfigError
@@ -12,7 +16,22 @@ from .io.resolution import DEFAULT_TOLERANCE, LevelChoice, Resolution, extent, r
 from .io.slide import SlideCache, SlideInfo, SlideReader
 from .io.tissue import TissueDetector, _skimage, tissue_mask
 
-__all__ = ["RandomRegionLoader", "part_bounds"]
+__all__ = ["ClassBalance", "RandomRegionLoader", "part_bounds"]
+
+
+class ClassBalance(str, Enum):
+    """How annotated big chunks choose the class they are placed on.
+
+    ``AREA``: in proportion to each class's annotated area (of the slide, or of the worker's band).
+    ``EQUAL``: every class present on the slide (or band) equally often, and the patches of such a
+    chunk are centred on pixels of its class, so each class gets an equal share of the patches
+    (class-balanced training on rare regions). The shares are equal in expectation; as each big
+    chunk serves one class, they vary by about ``1 / sqrt(big chunks drawn)`` (fewer small chunks per
+    big chunk balance tighter).
+    """
+
+    AREA = "area"
+    EQUAL = "equal"
 
 
 def part_bounds(width: int, height: int, part: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -73,6 +92,20 @@ class RandomRegionLoader(BigChunkLoader):
             uniformly from the aligned positions; patches inside a chunk are not affected. With
             ``tissue_only`` the chunk is the aligned one nearest to centring the drawn tissue point
             that still contains it.
+        annotations: the record key of the patient's annotation file (GeoJSON, ASAP XML or a label
+            mask; see :mod:`bigsmall_torch.annotations`): chunks are centred on a point drawn
+            uniformly from the annotated regions of ``classes``, and each carries the label raster
+            of its region (:attr:`BigChunk.labels`, ``info["classes"]``), which
+            :class:`~bigsmall_torch.RandomCropCollector` turns into ``"target"`` and ``"mask"``.
+            Where regions overlap, the later class in ``classes`` wins; holes are not inside. A
+            patient whose file has none of ``classes`` is refused at construction
+            (:class:`~bigsmall_torch.AnnotationError`, skipped with ``on_error="skip"``).
+        classes: the class names to sample and label (required with ``annotations``).
+        balance: which class a chunk is placed on (:class:`ClassBalance`): ``"area"`` (default,
+            in proportion to annotated area) or ``"equal"`` (equal shares per class).
+        background: one of ``classes`` that also covers the slide's tissue outside every other
+            class (the tissue mask of ``tissue_detector``), e.g. ``"Normal"`` for slides annotated
+            only where the tumour is. Needs scikit-image (``[tissue]``).
 
     The region lies inside the slide (its top-left is drawn so that it fits). When several workers
     share one slide the region is drawn inside this worker's band (:func:`part_bounds`) and clipped to
@@ -93,8 +126,28 @@ class RandomRegionLoader(BigChunkLoader):
         tissue_only: bool = False,
         tissue_detector: TissueDetector | None = None,
         tile_aligned: bool = True,
+        annotations: str | None = None,
+        classes: Sequence[str] | None = None,
+        balance: str | ClassBalance = "area",
+        background: str | None = None,
     ) -> None:
         self.size = size_pair("RandomRegionLoader: size", size)
+        self.annotations, self.classes = _check_classes("RandomRegionLoader", annotations, classes)
+        self.balance = choice("balance", balance, ClassBalance)
+        if background is not None and (self.annotations is None or background not in self.classes):
+            raise ConfigError(
+                f"RandomRegionLoader: background={background!r} must be one of classes "
+                f"{list(self.classes)} (and needs annotations=)"
+            )
+        self.background = background
+        if self.annotations is not None and tissue_only:
+            raise ConfigError(
+                "RandomRegionLoader: tissue_only=True and annotations= are exclusive (chunks are "
+                "placed on the annotated regions); use background='<class>' to sample tissue "
+                "outside them as a class"
+            )
+        if background is not None:
+            _skimage()
         self.tile_aligned = bool(tile_aligned)
         self.tissue_only = bool(tissue_only)
         self.tissue_detector = tissue_detector or TissueDetector()
@@ -131,7 +184,49 @@ class RandomRegionLoader(BigChunkLoader):
         """Open the slide and resolve the asked resolution (a slide without it raises). A slide
         smaller than ``size`` is fine: its chunks are clipped to it."""
         record = patient.record(self.record_key)
-        self.extent(slides.get(record.path, mpp=record.info.get("mpp")).info)
+        reader = slides.get(record.path, mpp=record.info.get("mpp"))
+        self.extent(reader.info)
+        if self.annotations is not None:
+            self._regions(patient, reader)
+
+    @property
+    def gives_labels(self) -> bool:
+        """Whether big chunks carry label rasters (``annotations`` is set)."""
+        return self.annotations is not None
+
+    def _regions(self, patient: Patient, reader: SlideReader) -> ClassRegions:
+        return patient_regions(
+            patient.record(self.annotations or ""), self.classes, reader,
+            background=self.background, tissue_detector=self.tissue_detector,
+        )  # fmt: skip
+
+    def _on_regions(
+        self,
+        reader: SlideReader,
+        patient: Patient,
+        downsample: float,
+        band: tuple[int, int, int, int],
+        size: tuple[int, int],
+        ctx: ChunkContext,
+    ) -> tuple[int, int, int] | None:
+        """Top-left (pixels of the asked resolution) of a chunk centred on a random point of an
+        annotated class, and that class; None when the band has no annotated area."""
+        regions = self._regions(patient, reader)
+        bx, by, bw, bh = band
+        box = (bx * downsample, by * downsample, bw * downsample, bh * downsample)
+        areas = np.array([regions.area(k, box) for k in range(len(self.classes))])
+        if not areas.sum() > 0:
+            return None
+        weights = areas if self.balance is ClassBalance.AREA else (areas > 0).astype(np.float64)
+        k = int(np.searchsorted(np.cumsum(weights), ctx.rng.random() * weights.sum(), side="right"))
+        k = min(k, len(weights) - 1)
+        point = regions.sample(k, ctx.rng, box)
+        if point is None:
+            return None
+        w, h = size
+        xs, ys = self._allowed_origins(reader.info, band, size)
+        px, py = point[0] / downsample, point[1] / downsample
+        return _nearest_covering(xs, px, w), _nearest_covering(ys, py, h), k
 
     def _on_tissue(
         self,
@@ -173,7 +268,13 @@ class RandomRegionLoader(BigChunkLoader):
         choice = self.choice(info)
         bx, by, bw, bh = part_bounds(*self.extent(info), ctx.part)
         w, h = min(self.size[0], bw), min(self.size[1], bh)
-        if self.tissue_only:
+        focus = None
+        if self.annotations is not None:
+            found = self._on_regions(reader, patient, choice.downsample, (bx, by, bw, bh), (w, h), ctx)
+            if found is None:
+                return None
+            ox, oy, focus = found
+        elif self.tissue_only:
             placed = self._on_tissue(reader, choice.downsample, (bx, by, bw, bh), (w, h), ctx)
             if placed is None:
                 return None
@@ -195,11 +296,53 @@ class RandomRegionLoader(BigChunkLoader):
             "record_key": self.record_key,
             "path": str(record.path),
         }
-        return BigChunk(channel_planar(data), chunk_info, patient)
+        labels = None
+        if self.annotations is not None:
+            ds = choice.downsample
+            labels = self._regions(patient, reader).rasterize(ox * ds, oy * ds, w, h, ds)
+            chunk_info["classes"] = self.classes
+            if self.balance is ClassBalance.EQUAL:
+                chunk_info["focus"] = focus
+        return BigChunk(channel_planar(data), chunk_info, patient, labels)
 
     def __repr__(self) -> str:
         return (
             f"RandomRegionLoader(size={self.size}, {self.resolution.describe()}, "
             f"record_key={self.record_key!r}, tissue_only={self.tissue_only}, "
-            f"tile_aligned={self.tile_aligned})"
+            f"tile_aligned={self.tile_aligned}"
+            + (
+                f", annotations={self.annotations!r}, classes={list(self.classes)}, "
+                f"balance={self.balance.value!r}, background={self.background!r})"
+                if self.annotations is not None
+                else ")"
+            )
         )
+
+
+def _check_classes(
+    what: str, annotations: str | None, classes: Sequence[str] | None
+) -> tuple[str | None, tuple[str, ...]]:
+    """``annotations`` and ``classes`` checked together: both or neither; classes unique strings.
+    Fails here, naming the extra, when shapely is missing."""
+    if annotations is None:
+        if classes is not None:
+            raise ConfigError(f"{what}: classes= needs annotations= (the record key of the annotation file)")
+        return None, ()
+    if not isinstance(annotations, str):
+        raise ConfigError(f"{what}: annotations must be a record key (a str), got {annotations!r}")
+    if (
+        classes is None
+        or isinstance(classes, str)
+        or not isinstance(classes, Sequence)
+        or not classes
+        or not all(isinstance(c, str) and c for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise ConfigError(
+            f"{what}: classes must be a non-empty list of distinct class names (str) with "
+            f"annotations=, got {classes!r}"
+        )
+    if len(classes) > 254:
+        raise ConfigError(f"{what}: at most 254 classes fit a uint8 mask, got {len(classes)}")
+    _shapely()
+    return annotations, tuple(classes)

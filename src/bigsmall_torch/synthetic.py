@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from enum import Enum
@@ -101,6 +101,7 @@ class SyntheticSlideInfo:
     tissue_fraction: float  # of the level-0 area, exact (from tissue_mask)
     mask_downsample: int  # each tissue_mask cell covers this many level-0 pixels squared
     tissue_mask: npt.NDArray[np.bool_] = field(repr=False, compare=False)
+    paint: tuple[tuple[dict[str, Any], tuple[int, int, int]], ...] = ()
 
     def parameters(self) -> dict[str, Any]:
         """The arguments that determine the file (stored in it to detect re-use)."""
@@ -112,6 +113,7 @@ class SyntheticSlideInfo:
             "compression": self.compression.value,
             "tissue": self.tissue.value,
             "texture_source": None if self.texture_source is None else str(self.texture_source),
+            **({"paint": [[g, list(c)] for g, c in self.paint]} if self.paint else {}),
         }
 
 
@@ -129,6 +131,7 @@ def write_synthetic_slide(
     tissue: TissueMode | str = TissueMode.BLOBS,
     texture_source: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    paint: Sequence[tuple[Mapping[str, Any], tuple[int, int, int]]] = (),
 ) -> SyntheticSlideInfo:
     """Write one synthetic slide to ``path`` and describe it.
 
@@ -139,10 +142,13 @@ def write_synthetic_slide(
     openslide and tiffslide both read); ``quality`` (1-100) is the JPEG quality, or for JPEG 2000
     the target PSNR of each tile in dB (OpenJPEG's fixed-quality mode); None: 90 for JPEG, 32 dB
     for JPEG 2000.
+    ``paint``: ``(geometry, (r, g, b))`` pairs, each a GeoJSON Polygon or MultiPolygon in level-0
+    pixels, filled in that solid colour over the texture, later ones over earlier ones (pixels whose
+    centre is inside, holes left alone): regions of known class for annotation tests. Needs shapely.
     The file appears (atomically) only when complete.
     """
     info = _plan(Path(path), width, height, tile_size, levels, mpp, quality, compression, seed,
-                 tissue, texture_source)  # fmt: skip
+                 tissue, texture_source, paint)  # fmt: skip
     if info.path.exists() and not overwrite:
         raise ConfigError(f"path={str(info.path)!r} exists; pass overwrite=True to replace it")
     _write(info)
@@ -220,6 +226,7 @@ def _plan(
     seed: int,
     tissue: TissueMode | str,
     texture_source: str | os.PathLike[str] | None,
+    paint: Sequence[tuple[Mapping[str, Any], tuple[int, int, int]]] = (),
 ) -> SyntheticSlideInfo:
     """Validate the arguments and work out everything but the pixels."""
     width = _check_int("width", width, minimum=1)
@@ -275,7 +282,29 @@ def _plan(
         tissue_fraction=float(rows @ mask.astype(np.int64) @ cols) / (width * height),
         mask_downsample=downsample,
         tissue_mask=mask,
+        paint=_check_paint(paint),
     )
+
+
+def _check_paint(paint: Any) -> tuple[tuple[dict[str, Any], tuple[int, int, int]], ...]:
+    """``paint`` as JSON-ready (geometry, colour) pairs, or a :class:`ConfigError`."""
+    checked: list[Any] = []
+    for item in paint:
+        try:
+            geometry, color = item
+            geometry = json.loads(json.dumps(dict(geometry)))
+            rgb = tuple(int(c) for c in color)
+            ok = geometry.get("type") in ("Polygon", "MultiPolygon") and len(rgb) == 3
+            ok = ok and all(0 <= c <= 255 for c in rgb)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(
+                f"paint item {item!r} is invalid; expected (a GeoJSON Polygon or MultiPolygon "
+                "mapping, (r, g, b) with values 0-255)"
+            )
+        checked.append((geometry, rgb))
+    return tuple(checked)
 
 
 def _small_level(width: int, height: int) -> tuple[int, int]:
@@ -441,6 +470,15 @@ def _level0_bands(info: SyntheticSlideInfo) -> Iterator[RGBArray]:
     else:
         texture = _PatchSource(_source_texture(info.texture_source), patch, stained_only=True)
     glass = _PatchSource(_glass(info.seed), patch, stained_only=False)
+    painter = None
+    if info.paint:
+        from shapely.geometry import shape
+
+        from .annotations import ClassRegions
+
+        painter = ClassRegions(
+            [str(k) for k in range(len(info.paint))], [shape(g) for g, _ in info.paint]
+        )
     padded_width = -(-info.width // ts) * ts
     mask = np.zeros((-(-(info.height + ts) // d), -(-padded_width // d)), dtype=bool)
     mask[: info.tissue_mask.shape[0], : info.tissue_mask.shape[1]] = info.tissue_mask
@@ -459,6 +497,10 @@ def _level0_bands(info: SyntheticSlideInfo) -> Iterator[RGBArray]:
                 out[...] = tissues[i] if inside else backgrounds[i]
                 if not inside and where.any():
                     np.copyto(out, tissues[i], where=where[..., None])
+        if painter is not None:
+            labels = painter.rasterize(0, top, padded_width, ts)
+            for k, (_, color) in enumerate(info.paint):
+                band[labels == k + 1] = color
         yield band
 
 

@@ -10,6 +10,7 @@ and picklable (a :class:`Spec` describes a stream; :func:`build` makes it).
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 import zlib
 from collections.abc import Iterator
@@ -58,6 +59,7 @@ class Spec:
     on_error: str = "raise"
     seed: int = 0
     broken: bool = False  # the slide with damaged tiles is the first patient
+    annotated: bool = False  # region annotations: samples carry "target" and "mask"
 
     def but(self, **changes: Any) -> Spec:
         return replace(self, **changes)
@@ -98,7 +100,39 @@ def write_slides(folder: Path) -> Path:
         for offset, count in spans:
             f.seek(offset)
             f.write(b"\x00" * count)
+    for path in clean_paths(folder):
+        (path.with_suffix(".geojson")).write_text(json.dumps(GEOJSON))
     return folder
+
+
+# Region annotations of every slide (level-0 pixels; QuPath GeoJSON): a tumour with a hole and a
+# stroma rectangle over its corner (the later class wins there).
+CLASSES = ("Tumor", "Stroma")
+TUMOR = [[[100, 100], [700, 120], [680, 700], [110, 660], [100, 100]],
+         [[300, 300], [400, 300], [400, 400], [300, 400], [300, 300]]]  # fmt: skip
+STROMA = [[[600, 500], [1000, 500], [1000, 900], [600, 900], [600, 500]]]
+GEOJSON = {
+    "type": "FeatureCollection",
+    "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": TUMOR},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": STROMA},
+         "properties": {"objectType": "annotation", "classification": {"name": "Stroma"}}},
+    ],
+}  # fmt: skip
+
+
+def class_at(x: float, y: float) -> int | None:
+    """The class index at a level-0 point, straight from the polygons (-1: none; None: on an
+    outline, where the package's half-open pixel rule decides)."""
+    from shapely.geometry import Point, Polygon
+
+    point, stroma, tumor = Point(x, y), Polygon(STROMA[0]), Polygon(TUMOR[0], TUMOR[1:])
+    if stroma.boundary.intersects(point) or (tumor.boundary.intersects(point) and not stroma.contains(point)):
+        return None
+    if stroma.contains(point):
+        return 1
+    return 0 if tumor.contains(point) else -1
 
 
 def clean_paths(folder: str | Path) -> list[Path]:
@@ -115,10 +149,23 @@ def slide_path(spec: Spec, patient_id: Any) -> Path:
     return Path(spec.folder) / "clean" / f"{patient_id}.tiff"
 
 
+def _records(spec: Spec, slide: Path, regions: Path) -> dict[str, bst.Record]:
+    records = {"wsi": bst.Record(slide)}
+    if spec.annotated:
+        records["annotations"] = bst.Record(regions)
+    return records
+
+
 def dataset(spec: Spec) -> bst.Dataset:
-    patients = [bst.Patient(p.stem, {"wsi": bst.Record(p)}) for p in clean_paths(spec.folder)]
+    patients = [
+        bst.Patient(p.stem, _records(spec, p, p.with_suffix(".geojson")))
+        for p in clean_paths(spec.folder)
+    ]
     if spec.broken:
-        broken = bst.Patient(BROKEN_ID, {"wsi": bst.Record(Path(spec.folder) / "broken.tiff")})
+        regions = clean_paths(spec.folder)[0].with_suffix(".geojson")
+        broken = bst.Patient(
+            BROKEN_ID, _records(spec, Path(spec.folder) / "broken.tiff", regions)
+        )
         patients.insert(0, broken)
     return bst.Dataset("contract", patients)
 
@@ -210,9 +257,15 @@ def build(spec: Spec, num_workers: int = 0, **overrides: Any) -> Any:
             batch_size=BATCH if spec.batched else None,
         )  # fmt: skip
         options.update(overrides)
-        collector = options.pop("collector", bst.RandomCropCollector(64))
-        return bst.BigSmallDataset(dataset(spec), bst.RandomRegionLoader(512), collector, **options)
+        regions: dict[str, Any] = (
+            {"annotations": "annotations", "classes": CLASSES} if spec.annotated else {}
+        )
+        collector = options.pop("collector", bst.RandomCropCollector(64, masks=spec.annotated))
+        loader = bst.RandomRegionLoader(512, **regions)
+        return bst.BigSmallDataset(dataset(spec), loader, collector, **options)
     if spec.sliding:
+        if spec.annotated:
+            overrides = {"annotations": "annotations", "classes": CLASSES, "masks": True, **overrides}
         return bst.SlidingWindowDataset(
             dataset(spec), WINDOW, level=0, block_size=512, on_error=spec.on_error,
             batch_size=WINDOW_BATCH if spec.batched else None, **overrides,
@@ -283,14 +336,39 @@ def records(spec: Spec, batch: Any) -> list[tuple[Any, ...]]:
         ]  # fmt: skip
     keys = ("row", "col", "x", "y") if spec.sliding else ("x", "y")
     columns = [batch[k] for k in keys]
-    return [
+    out = [
         (str(pid), *(int(c[i]) for c in columns), _crc(batch["image"][i]))
         for i, pid in enumerate(batch["patient_id"])
     ]
+    if spec.annotated:  # the labels go after the pixels' checksum: (..., crc, target, mask crc)
+        out = [
+            (*r, int(batch["target"][i]), _crc(batch["mask"][i])) for i, r in enumerate(out)
+        ]
+    return out
+
+
+def labels_of(spec: Spec, record: tuple[Any, ...]) -> tuple[int, int]:
+    """The target (from the polygons themselves) and the mask checksum (rasterised by the package)
+    of a sample of an annotated stream at the coordinates ``record`` reports."""
+    from bigsmall_torch.annotations import read_annotations
+
+    x, y = (record[3], record[4]) if spec.sliding else (record[1], record[2])
+    size = WINDOW if spec.sliding else 64
+    regions = read_annotations(clean_paths(spec.folder)[0].with_suffix(".geojson")).layers(CLASSES)
+    mask = regions.rasterize(x, y, size, size)
+    target = class_at(x + size // 2 + 0.5, y + size // 2 + 0.5)
+    if target is None:  # the centre lies on an outline: the raster's half-open rule decides
+        target = int(mask[size // 2, size // 2]) - 1
+    return target, _crc(mask)
 
 
 def batch_size_of(spec: Spec, batch: Any) -> int:
     return len(batch) if spec.case == "lightdl" else len(batch["patient_id"])
+
+
+def pixel_crc(spec: Spec, record: tuple[Any, ...]) -> int:
+    """The pixels' checksum a record carries."""
+    return int(record[-3] if spec.annotated else record[-1])
 
 
 def pixels_of(spec: Spec, record: tuple[Any, ...]) -> int:
@@ -301,11 +379,9 @@ def pixels_of(spec: Spec, record: tuple[Any, ...]) -> int:
             _, bx, by, sx, sy, _ = record
             x, y, size = bx + sx, by + sy, 64
         elif spec.sliding:
-            _, _, _, x, y, _ = record
-            size = WINDOW
+            x, y, size = record[3], record[4], WINDOW
         else:
-            _, x, y, _ = record
-            size = 64
+            x, y, size = record[1], record[2], 64
         image = reader.read(x, y, 0, size, size)
     finally:
         reader.close()
@@ -315,9 +391,20 @@ def pixels_of(spec: Spec, record: tuple[Any, ...]) -> int:
 
 
 def all_windows(spec: Spec) -> set[tuple[Any, int, int]]:
+    """Every window of the grid; annotated: those sharing area with a region (from the polygons)."""
     ids = ([BROKEN_ID] if spec.broken else []) + [p.stem for p in clean_paths(spec.folder)]
     n = SIDE // WINDOW
-    return {(pid, r, c) for pid in ids for r in range(n) for c in range(n)}
+    cells = {(r, c) for r in range(n) for c in range(n)}
+    if spec.annotated:
+        from shapely.geometry import Polygon, box
+
+        regions = Polygon(TUMOR[0], TUMOR[1:]).union(Polygon(STROMA[0]))
+        cells = {
+            (r, c)
+            for r, c in cells
+            if regions.intersection(box(c * WINDOW, r * WINDOW, (c + 1) * WINDOW, (r + 1) * WINDOW)).area > 0
+        }
+    return {(pid, r, c) for pid in ids for r, c in cells}
 
 
 def lost_windows(spec: Spec) -> set[tuple[Any, int, int]]:

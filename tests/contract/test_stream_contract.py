@@ -269,8 +269,10 @@ def runner(slides: Path) -> Runner:
 
 
 @pytest.mark.parametrize(("case", "config", "on_error"), _matrix())
-def test_one_epoch(runner: Runner, case: str, config: str, on_error: str) -> None:
-    spec = runner.spec(case, on_error)
+def test_one_epoch(
+    runner: Runner, case: str, config: str, on_error: str, annotated: bool = False
+) -> None:
+    spec = runner.spec(case, on_error, annotated=annotated)
     run = runner.epoch(spec, config)
     assert run.error is None, f"{run.error.__name__ if run.error else ''}: {run.message}"
     assert run.leaks == {}, "left behind after the loader was deleted"
@@ -288,6 +290,9 @@ def test_one_epoch(runner: Runner, case: str, config: str, on_error: str) -> Non
         assert run.loader_length == math.ceil(len(windows) / unit)
         if lost:  # lost windows are not yielded: batches of their worker may come out short
             assert len(run.sizes) <= run.loader_length
+        elif spec.annotated and not spec.batched:  # per-sample, a window count no batch divides:
+            # the DataLoader batches each worker's share apart, so each may end in a short batch
+            assert run.loader_length <= len(run.sizes) <= run.loader_length + 1
         else:
             assert len(run.sizes) == run.loader_length
     else:
@@ -297,7 +302,37 @@ def test_one_epoch(runner: Runner, case: str, config: str, on_error: str) -> Non
         assert run.sizes == [cs.BATCH] * (cs.SAMPLES // cs.BATCH)
         assert cs.BROKEN_ID not in run.patients
     for record in run.records[:: max(1, len(run.records) // 10)]:
-        assert cs.pixels_of(spec, record) == record[-1], f"pixels differ from the slide at {record}"
+        assert cs.pixels_of(spec, record) == cs.pixel_crc(spec, record), (
+            f"pixels differ from the slide at {record}"
+        )
+        if spec.annotated:
+            assert cs.labels_of(spec, record) == record[-2:], f"labels differ at {record}"
+
+
+# -- annotated streams: the same contract, plus labels at the reported coordinates -----------------
+
+ANNOTATED = [
+    pytest.param(case, config, on_error, id=f"{case}-{config}-{on_error}")
+    for case in ("bigsmall", "bigsmall-batched", "sliding", "sliding-batched")
+    for config, on_error in (("w0", "raise"), ("w2-fork", "raise"), ("w2-fork", "skip"))
+]
+
+
+@pytest.mark.parametrize(("case", "config", "on_error"), ANNOTATED)
+def test_one_epoch_annotated(runner: Runner, case: str, config: str, on_error: str) -> None:
+    test_one_epoch(runner, case, config, on_error, annotated=True)
+    spec = runner.spec(case, on_error, annotated=True)
+    run = runner.epoch(spec, config)
+    targets = {r[-2] for r in run.records}
+    assert targets >= {0, 1}, "both classes are sampled"
+    # The same seed gives the same stream; batched mode gives the per-sample stream.
+    assert runner.epoch(spec, config, repeat=1).records == run.records
+    other = runner.spec(case.removesuffix("-batched") if spec.batched else f"{case}-batched",
+                        on_error, annotated=True)  # fmt: skip
+    if spec.sliding:  # the same windows, labels and pixels (workers' shares are cut by batches)
+        assert sorted(runner.epoch(other, config).records) == sorted(run.records)
+    else:
+        assert runner.epoch(other, config).records == run.records
 
 
 # -- same seed, same stream ------------------------------------------------------------------------
@@ -334,11 +369,15 @@ def test_batched_mode_gives_the_per_sample_stream(
 # -- resume in a fresh process ---------------------------------------------------------------------
 
 RESUME = [
-    pytest.param(case, config, on_error, id=f"{case}-{config}-{on_error}")
+    pytest.param(case, config, on_error, False, id=f"{case}-{config}-{on_error}")
     for case in cs.CASES
     for config in ("w0", "w2-fork")
     for on_error in ("raise", "skip")
     if not (case == "lightdl" and on_error == "skip")
+] + [
+    pytest.param(case, "w2-fork", on_error, True, id=f"{case}-w2-fork-{on_error}-annotated")
+    for case in ("bigsmall", "bigsmall-batched", "sliding", "sliding-batched")
+    for on_error in ("raise", "skip")
 ]
 
 
@@ -352,8 +391,8 @@ def resumed(runner: Runner, tmp_path_factory: pytest.TempPathFactory) -> dict[An
     tmp = tmp_path_factory.mktemp("contract-resume")
     jobs, cells = [], []
     for param in RESUME:
-        case, config, on_error = param.values
-        spec = runner.spec(case, on_error)
+        case, config, on_error, annotated = param.values
+        spec = runner.spec(case, on_error, annotated=annotated)
         full = runner.epoch(spec, config)
         num_workers, context = CONFIGS[config]
         stop = len(full.sizes) // 2
@@ -363,12 +402,12 @@ def resumed(runner: Runner, tmp_path_factory: pytest.TempPathFactory) -> dict[An
         it, prefix = iter(loader), []
         for _ in range(stop):
             prefix += cs.records(spec, next(it))
-        state = tmp / f"{case}-{config}-{on_error}.pkl"
+        state = tmp / f"{case}-{config}-{on_error}-{annotated}.pkl"
         state.write_bytes(pickle.dumps(loader.state_dict()))
         del it, loader  # the job is "killed": its workers go away
         take = cs.LIGHT_BATCHES - stop if spec.endless else None
         jobs.append({"spec": spec, "num_workers": num_workers, "state": str(state), "take": take})
-        cells.append(((case, config, on_error), full.records, prefix))
+        cells.append(((case, config, on_error, annotated), full.records, prefix))
     (tmp / "jobs.pkl").write_bytes(pickle.dumps(jobs))
     code, stderr = run_process_group(
         [sys.executable, "-W", "ignore", str(CHILD), str(tmp / "jobs.pkl"), str(tmp / "out.pkl")],
@@ -381,11 +420,11 @@ def resumed(runner: Runner, tmp_path_factory: pytest.TempPathFactory) -> dict[An
     }
 
 
-@pytest.mark.parametrize(("case", "config", "on_error"), RESUME)
+@pytest.mark.parametrize(("case", "config", "on_error", "annotated"), RESUME)
 def test_resume_in_a_fresh_process(
-    resumed: dict[Any, Any], case: str, config: str, on_error: str
+    resumed: dict[Any, Any], case: str, config: str, on_error: str, annotated: bool
 ) -> None:
-    full, prefix, rest = resumed[(case, config, on_error)]
+    full, prefix, rest = resumed[(case, config, on_error, annotated)]
     assert 0 < len(prefix) < len(full)
     assert prefix + rest == full
 

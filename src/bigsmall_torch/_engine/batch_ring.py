@@ -134,6 +134,9 @@ class _Lease:
     slot: int
     tensor: torch.Tensor | None = None  # the batch's image tensor, a view of the slot
     sent: bool = field(default=False)
+    #: The batch's other per-sample arrays held in the slot after the images (e.g. ``"mask"``):
+    #: key -> (byte offset, the tensor viewing it).
+    planes: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
     def give_back(self) -> None:
         """Release in the worker: nothing outside it ever saw this slot's current contents."""
@@ -166,23 +169,54 @@ def _worker_ring() -> _Ring:
     return _RING
 
 
-def acquire_images(
-    shape: tuple[int, ...], dtype: torch.dtype = torch.uint8
-) -> tuple[torch.Tensor, _Lease | None]:
-    """An uninitialised ``dtype`` tensor of ``shape`` for a batch's images, and the slot it occupies.
+_ALIGN = 64  # byte alignment of each plane in a slot
 
-    In a DataLoader worker the tensor is a slot of the worker's ring or, when every slot is taken
-    (or this torch build cannot tell a free slot), a one-off tensor already in shared memory; in the
-    main process an ordinary tensor.
+
+def _layout(
+    shape: tuple[int, ...], dtype: torch.dtype, planes: dict[str, tuple[tuple[int, ...], torch.dtype]]
+) -> tuple[dict[str, int], int]:
+    """Byte offsets of ``planes`` after the images, and the total bytes."""
+    offsets, end = {}, _nbytes(shape, dtype)
+    for key, (plane_shape, plane_dtype) in planes.items():
+        end = -(-end // _ALIGN) * _ALIGN
+        offsets[key] = end
+        end += _nbytes(plane_shape, plane_dtype)
+    return offsets, end
+
+
+def _view_at(
+    storage: torch.UntypedStorage, offset: int, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """A contiguous ``dtype`` tensor of ``shape`` over ``storage`` from byte ``offset``."""
+    flat = _flat(storage)[offset : offset + _nbytes(shape, dtype)]
+    return flat.view(dtype).view(shape)
+
+
+def acquire_images(
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.uint8,
+    planes: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], _Lease | None]:
+    """Uninitialised tensors for a batch's images (``dtype``, ``shape``) and its ``planes`` (other
+    per-sample arrays, e.g. masks: key -> (shape, dtype)), and the slot they occupy.
+
+    In a DataLoader worker they are views of one slot of the worker's ring or, when every slot is
+    taken (or this torch build cannot tell a free slot), of a one-off buffer already in shared
+    memory; in the main process ordinary tensors.
     """
+    planes = planes or {}
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype), None
-    nbytes = _nbytes(shape, dtype)
+        extra = {key: torch.empty(s, dtype=d) for key, (s, d) in planes.items()}
+        return torch.empty(shape, dtype=dtype), extra, None
+    offsets, nbytes = _layout(shape, dtype, planes)
     lease = _worker_ring().acquire(nbytes) if _slots_usable() else None
-    if lease is None:
-        return _view(torch.UntypedStorage._new_shared(nbytes), shape, dtype), None
-    lease.tensor = _view(lease.ring.storages[lease.slot], shape, dtype)
-    return lease.tensor, lease
+    storage = torch.UntypedStorage._new_shared(nbytes) if lease is None else lease.ring.storages[lease.slot]
+    images = _view(storage, shape, dtype)
+    extra = {key: _view_at(storage, offsets[key], *planes[key]) for key in planes}
+    if lease is not None:
+        lease.tensor = images
+        lease.planes = {key: (offsets[key], tensor) for key, tensor in extra.items()}
+    return images, extra, lease
 
 
 def _in_slot(tensor: torch.Tensor, lease: _Lease) -> bool:
@@ -231,17 +265,27 @@ class RingBatch(InlineDict):
         return copy.deepcopy(dict(self), memo)  # a plain dict with its own tensors
 
     def __reduce__(self) -> tuple[Any, ...]:
-        meta = _inline({key: value for key, value in self.items() if key != "image"})
         lease, image = self.lease, self.get("image")
         tensor = None if lease is None else lease.tensor
         if lease is None or lease.sent or tensor is None or image is not tensor:
             # No slot, already sent once (a second pickling of one batch, by user code, gets a copy),
             # or user code replaced the image: send it the usual way. A slot whose image was
             # replaced stays taken for good, since the replacement may still view its memory.
-            if lease is not None and lease.sent and isinstance(image, torch.Tensor):
-                image = image.clone()
-            return _rebuild_plain, (image, meta)
+            meta = {key: value for key, value in self.items() if key != "image"}
+            if lease is not None and lease.sent:
+                if isinstance(image, torch.Tensor):
+                    image = image.clone()
+                meta.update({k: p.clone() for k, (_, p) in lease.planes.items() if meta.get(k) is p})
+            return _rebuild_plain, (image, _inline(meta))
         lease.sent = True
+        # Planes still in the slot travel as references too; any other value the usual way.
+        planes = [
+            (key, offset, tuple(plane.shape), plane.dtype)
+            for key, (offset, plane) in lease.planes.items()
+            if self.get(key) is plane
+        ]
+        in_slot = {key for key, *_ in planes}
+        meta = _inline({k: v for k, v in self.items() if k != "image" and k not in in_slot})
         ring = lease.ring
         with ring.lock:
             # The slot travels as a flat uint8 tensor (a bare storage does not survive plain pickle).
@@ -249,9 +293,9 @@ class RingBatch(InlineDict):
             ring.announced[lease.slot] = True
         control = None if storage is None else ring.control
         shape, dtype = tuple(image.shape), image.dtype
-        lease.tensor = None  # the worker's last views of the slot go with this batch
+        lease.tensor, lease.planes = None, {}  # the worker's last views of the slot go with this batch
         where = (ring.token, ring.pid, control, lease.slot, storage)
-        return _rebuild_ring, (*where, shape, dtype, meta)
+        return _rebuild_ring, (*where, shape, dtype, meta, planes)
 
 
 _PLAIN_LEAVES = (str, bytes, int, float, complex, bool, type(None), np.ndarray, np.generic)
@@ -282,7 +326,10 @@ def apply_transform(batch: dict[str, Any], transform: Callable[[Any], Any]) -> N
             for leaf in leaves
         ]
         batch["image"] = torch.utils._pytree.tree_unflatten(leaves, spec)
-    batch.lease, lease.tensor = None, None
+    for key, (_, plane) in lease.planes.items():  # the other planes leave the slot with it
+        if batch.get(key) is plane:
+            batch[key] = plane.clone()
+    batch.lease, lease.tensor, lease.planes = None, None, {}
     del images, out, leaves
     lease.give_back()  # reused only once no tensor of this worker views it (_only_ring_holds)
 
@@ -415,6 +462,20 @@ def _release(control: np.ndarray, slot: int, receiver: int) -> None:
     _forget_exited()
 
 
+class _Countdown:
+    """Calls ``_release`` once the last of ``count`` arrays viewing one slot is gone."""
+
+    def __init__(self, count: int, *args: Any) -> None:
+        self.count, self.args, self.lock = count, args, threading.Lock()
+
+    def done(self) -> None:
+        with self.lock:
+            self.count -= 1
+            last = self.count == 0
+        if last:
+            _release(*self.args)
+
+
 def _rebuild_ring(
     token: str,
     pid: int,
@@ -424,15 +485,17 @@ def _rebuild_ring(
     shape: tuple[int, ...],
     dtype: torch.dtype,
     meta: dict[str, Any],
+    planes: list[tuple[str, int, tuple[int, ...], torch.dtype]] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
     if pid == os.getpid():  # unpickled inside the worker itself (user code pickling a batch)
         ring = _worker_ring()
         image = _view(ring.storages[slot], shape, dtype).clone()
+        extra = {k: _view_at(ring.storages[slot], o, s, d).clone() for k, o, s, d in planes}
         with ring.lock:
             if storage is not None:
                 ring.announced[slot] = False  # the main process has not seen it after all
             ring.flags[slot] = 0  # reused once the original batch's tensors are gone
-        return {"image": image, **_unwrap(meta)}
+        return {"image": image, **_unwrap(meta), **extra}
     with _MAPPED_LOCK:
         if storage is not None:  # this slot's first batch (or the slot was resized)
             if token not in _MAPPED:
@@ -449,8 +512,15 @@ def _rebuild_ring(
                 "batched-mode batches must reach the main process through the DataLoader only "
                 "(clone batch['image'] before pickling a batch inside a worker)"
             )
-        flat = mapped.slots[slot][: _nbytes(shape, dtype)]
-        array = flat.view(_numpy_dtype(dtype)).reshape(shape)
-    finalizer = weakref.finalize(array, _release, mapped.control, slot, os.getpid())
-    finalizer.atexit = False
-    return {"image": torch.from_numpy(array), **_unwrap(meta)}
+        base = mapped.slots[slot]
+        array = base[: _nbytes(shape, dtype)].view(_numpy_dtype(dtype)).reshape(shape)
+        arrays = {
+            key: base[offset : offset + _nbytes(s, d)].view(_numpy_dtype(d)).reshape(s)
+            for key, offset, s, d in planes
+        }
+    # The slot goes back once the image and every plane viewing it are gone.
+    countdown = _Countdown(1 + len(arrays), mapped.control, slot, os.getpid())
+    for viewer in (array, *arrays.values()):
+        weakref.finalize(viewer, countdown.done).atexit = False
+    extra = {key: torch.from_numpy(a) for key, a in arrays.items()}
+    return {"image": torch.from_numpy(array), **_unwrap(meta), **extra}

@@ -67,6 +67,10 @@ class BatchBuilder:
         self._lease: _Lease | None = None
         self._array: np.ndarray | None = None
         self._meta: list[dict[str, Any]] = []
+        # Array-valued info (a tensor per sample, e.g. "mask"): written into the batch's slot
+        # beside the images instead of being collated (which would allocate shared memory per batch).
+        self._planes: dict[str, torch.Tensor] = {}
+        self._plane_arrays: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self._meta)
@@ -75,10 +79,16 @@ class BatchBuilder:
         data = image_array(small)
         chw = data.transpose(2, 0, 1) if data.ndim == 3 else data[None]
         if self._array is None:
-            self._images, self._lease = acquire_images(
-                (self.batch_size, *chw.shape), _torch_dtype(chw.dtype)
+            planes = {
+                key: ((self.batch_size, *value.shape), value.dtype)
+                for key, value in small.info.items()
+                if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.device.type == "cpu"
+            }
+            self._images, self._planes, self._lease = acquire_images(
+                (self.batch_size, *chw.shape), _torch_dtype(chw.dtype), planes
             )
             self._array = self._images.numpy()
+            self._plane_arrays = {key: plane.numpy() for key, plane in self._planes.items()}
         elif chw.shape != self._array.shape[1:]:
             raise ExtractorError(
                 f"batched mode needs equal patch shapes: got {chw.shape} after {self._array.shape[1:]} "
@@ -89,25 +99,49 @@ class BatchBuilder:
                 f"batched mode needs one dtype per batch: got a patch of dtype {chw.dtype} after "
                 f"{self._array.dtype}; have the collector return one dtype, or use per-sample mode"
             )
-        self._array[len(self._meta)] = chw
+        i = len(self._meta)
+        self._array[i] = chw
         meta: dict[str, Any] = {"patient_id": small.patient.id}
         if small.patient.label is not None:
             meta["label"] = small.patient.label
-        meta.update(small.info)
+        for key, value in small.info.items():
+            plane = self._plane_arrays.get(key)
+            if plane is None:
+                meta[key] = value
+            elif not isinstance(value, torch.Tensor) or tuple(value.shape) != plane.shape[1:] or (
+                value.dtype != self._planes[key].dtype
+            ):
+                raise ExtractorError(
+                    f"batched mode needs {key!r} of one shape and dtype per batch: got "
+                    f"{getattr(value, 'dtype', type(value).__name__)} {tuple(getattr(value, 'shape', ()))} "
+                    f"after {self._planes[key].dtype} {plane.shape[1:]}"
+                )
+            else:
+                plane[i] = value.numpy()
+        missing = self._planes.keys() - small.info.keys()
+        if missing:
+            raise ExtractorError(f"batched mode needs {sorted(missing)} in every sample of a batch")
         self._meta.append(meta)
 
     def build(self) -> dict[str, Any]:
-        """The batch (``image`` [n, C, H, W] of the patches' dtype, plus collated metadata); resets
-        the builder."""
+        """The batch (``image`` [n, C, H, W] of the patches' dtype, the array-valued info as
+        ``[n, ...]`` tensors, plus collated metadata); resets the builder."""
         assert self._images is not None, "build() on an empty BatchBuilder"
         n = len(self._meta)
-        images = self._images[:n] if n < self.batch_size else self._images
+        full = n == self.batch_size
+        images = self._images if full else self._images[:n]
         batch: dict[str, Any] = {"image": images}
         for key in self._meta[0]:
             batch[key] = default_collate([m[key] for m in self._meta])
+        planes = {key: plane if full else plane[:n] for key, plane in self._planes.items()}
+        batch.update(planes)
         if torch.utils.data.get_worker_info() is not None:  # to be pickled to the main process
             if self._lease is not None:
                 self._lease.tensor = images
+                self._lease.planes = {
+                    key: (offset, planes[key]) for key, (offset, _) in self._lease.planes.items()
+                }
             batch = RingBatch(batch, self._lease)
+        self._planes, self._plane_arrays = {}, {}
         self._images, self._lease, self._array, self._meta = None, None, None, []
         return batch

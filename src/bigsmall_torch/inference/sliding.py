@@ -16,7 +16,7 @@ import concurrent.futures
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
@@ -29,6 +29,7 @@ from .._engine.reservoir import OnError
 from .._engine.sharding import split_evenly
 from .._engine.streaming import Live, StreamingDataset
 from .._validate import choice, positive_int, size_pair
+from ..annotations import patient_regions
 from ..chunks import SmallChunk, channel_planar
 from ..data import Dataset, Patient
 from ..errors import ConfigError, SlideError, SlideOpenError
@@ -42,6 +43,7 @@ from ..io.resolution import (
 )
 from ..io.slide import Backend, SlideCache
 from ..io.tissue import TissueDetector, _skimage, tissue_mask
+from ..loaders import _check_classes
 
 __all__ = ["Edge", "Grid", "SlidingWindowDataset"]
 
@@ -92,6 +94,8 @@ class Grid:
         extent: the slide's ``(width, height)`` in those pixels.
         xs, ys: window top-lefts per column / row, in those pixels.
         include: ``rows x cols`` booleans: which windows are emitted (all, or those on tissue).
+        targets: with annotations, ``rows x cols`` class indices at each window's centre pixel
+            (-1: no class); else None.
     """
 
     patient_id: Any
@@ -103,6 +107,7 @@ class Grid:
     xs: np.ndarray = field(repr=False)
     ys: np.ndarray = field(repr=False)
     include: np.ndarray = field(repr=False)
+    targets: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
@@ -185,6 +190,16 @@ class SlidingWindowDataset(StreamingDataset):
         backend, max_open_slides, decode_threads: slide reading, as in
             :class:`~bigsmall_torch.BigSmallDataset`.
         rank, world_size: the distributed position (default: torch.distributed, else 0 and 1).
+        annotations: the record key of each patient's annotation file (see
+            :mod:`bigsmall_torch.annotations`): only windows sharing area with the regions of
+            ``classes`` are emitted (and, with ``tissue_only``, on tissue too), each with
+            ``"target"``, the index in ``classes`` of the class at its centre pixel (-1: none), the
+            same rule as :class:`~bigsmall_torch.RandomCropCollector`'s. For evaluation on annotated
+            slides; a slide whose file has none of ``classes`` follows ``on_error``.
+        classes: the class names (required with ``annotations``; a later class wins where regions
+            overlap).
+        masks: with ``annotations``, add ``"mask"``: the window's ``[H, W]`` uint8 labels (0: none,
+            ``k + 1``: ``classes[k]``), pixel for pixel with ``"image"``.
 
     Samples carry ``image``, ``patient_id``, level-0 ``x``/``y``, ``level``, ``mpp``, ``row`` and ``col``.
     """
@@ -215,8 +230,17 @@ class SlidingWindowDataset(StreamingDataset):
         decode_threads: int = 2,
         rank: int | None = None,
         world_size: int | None = None,
+        annotations: str | None = None,
+        classes: Sequence[str] | None = None,
+        masks: bool = False,
     ) -> None:
         super().__init__()
+        self.annotations, self.classes = _check_classes("SlidingWindowDataset", annotations, classes)
+        if not isinstance(masks, bool) or (masks and self.annotations is None):
+            raise ConfigError(
+                f"SlidingWindowDataset: masks must be True or False, and True needs annotations=; got {masks!r}"
+            )
+        self.masks = masks
         if not isinstance(dataset, Dataset) or len(dataset) == 0:
             raise ConfigError(
                 f"dataset must be a non-empty bigsmall_torch.Dataset, got {dataset!r}"
@@ -311,6 +335,13 @@ class SlidingWindowDataset(StreamingDataset):
             )
         xs, ys = _positions(width, pw, sx, self.edge), _positions(height, ph, sy, self.edge)
         include = np.ones((len(ys), len(xs)), dtype=bool)
+        targets = None
+        if self.annotations is not None:
+            ds = choice.downsample
+            regions = patient_regions(patient.record(self.annotations), self.classes, reader)
+            gx, gy = np.meshgrid(xs * ds, ys * ds)
+            include &= regions.overlaps(gx, gy, pw * ds, ph * ds)
+            targets = regions.labels_at(gx + (pw // 2 + 0.5) * ds, gy + (ph // 2 + 0.5) * ds)
         if self.tissue_only:
             mask = tissue_mask(reader, detector=self.tissue_detector)
             ds = choice.downsample
@@ -320,7 +351,7 @@ class SlidingWindowDataset(StreamingDataset):
                         mask.fraction_in(x * ds, y * ds, pw * ds, ph * ds) >= self.min_tissue
                     )
         return Grid(patient.id, str(reader.info.path), choice, (pw, ph), (sx, sy),
-                    (width, height), xs, ys, include)  # fmt: skip
+                    (width, height), xs, ys, include, targets)  # fmt: skip
 
     def _slide_blocks(self, slide: int, grid: Grid) -> list[_Block]:
         (pw, ph), (sx, sy) = grid.patch_size, grid.stride
@@ -481,14 +512,17 @@ class SlidingWindowDataset(StreamingDataset):
         patient: Patient = self.dataset.patients[block.slide]
         pw, ph = grid.patch_size
         mpp = grid.choice.mpp
-        block_info = {
-            "x": to_level0(x0, grid.choice.downsample),
-            "y": to_level0(y0, grid.choice.downsample),
-        }
+        ds = grid.choice.downsample
+        block_info = {"x": to_level0(x0, ds), "y": to_level0(y0, ds)}
+        labels = None
+        if self.masks:
+            reader = self.slides.get(grid.path)
+            regions = patient_regions(patient.record(self.annotations or ""), self.classes, reader)
+            labels = regions.rasterize(x0 * ds, y0 * ds, data.shape[1], data.shape[0], ds)
         for row, col in cells:
             cx, cy = int(grid.xs[col]) - x0, int(grid.ys[row]) - y0
             lx, ly = grid.level0(int(row), int(col))
-            info = {
+            info: dict[str, Any] = {
                 "x": lx,
                 "y": ly,
                 "level": grid.choice.level,
@@ -496,6 +530,10 @@ class SlidingWindowDataset(StreamingDataset):
                 "row": int(row),
                 "col": int(col),
             }
+            if grid.targets is not None:
+                info["target"] = int(grid.targets[row, col])
+            if labels is not None:
+                info["mask"] = torch.from_numpy(labels[cy : cy + ph, cx : cx + pw].copy())
             yield SmallChunk(data[cy : cy + ph, cx : cx + pw], info, block_info, patient)
 
     # -- the stream (the core does state, output and topology) ---------------------------------
@@ -546,5 +584,6 @@ class SlidingWindowDataset(StreamingDataset):
         return (
             f"SlidingWindowDataset(slides={len(self.grids)}, windows={self.total_windows}, "
             f"patch_size={self.patch_size}, stride={self.stride}, {self.resolution.describe()}, "
-            f"edge={self.edge.value!r}, tissue_only={self.tissue_only})"
+            f"edge={self.edge.value!r}, tissue_only={self.tissue_only}"
+            + (f", annotations={self.annotations!r}, classes={list(self.classes)})" if self.annotations else ")")
         )

@@ -14,6 +14,9 @@ covered are NaN. Arrays are channels-last. A slide is written as soon as its las
 (``<id>.npy``, ``<id>.coverage.npy``, ``<id>.json`` geometry, ``<id>.png`` heatmap over the thumbnail),
 so memory holds only the slides in progress; ``stream_to_disk=True`` keeps even those in memmaps.
 :meth:`Stitcher.finish` writes the rest and reports the windows that never arrived.
+
+:meth:`StitchResult.to_geojson` (or :meth:`Stitcher.to_geojson`) sends a thresholded heatmap back to
+QuPath: the cells at or above a threshold, merged into level-0 polygons, as GeoJSON annotations.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 
 from .._validate import positive_int
+from ..annotations import _shapely, mask_geometry, write_geojson
 from ..errors import ConfigError, MissingWindowsError, SlideError, StitcherClosedError, StitchError
 from ..io.slide import Backend
 from ..visualize._draw import heatmap_overlay, safe_names, slide_thumbnail
@@ -62,6 +67,17 @@ class StitchResult:
         missing: ``(n, 2)`` ``(row, col)`` of the included windows that never arrived.
         output_downsample: level-0 pixels per array cell ``(x, y)`` (window mode: per stride step).
         paths: the files written: ``"npy"``, ``"coverage"``, ``"json"``, ``"png"`` (empty without ``out_dir``).
+        origin: level-0 ``(x, y)`` of the top-left corner of cell ``(0, 0)``.
+
+    Where a cell lies: with ``(dx, dy) = output_downsample`` and ``(x0, y0) = origin``, cell
+    ``(r, c)`` covers the level-0 pixels ``[x0 + c * dx, x0 + (c + 1) * dx) x [y0 + r * dy,
+    y0 + (r + 1) * dy)`` (x to the right, y down, from the slide's top-left corner). Dense mode: the
+    canvas starts at the slide's corner, ``origin = (0, 0)``. Window mode: a cell is one stride step
+    centred on its window, so its centre is the window's centre and overlapping windows
+    (``stride < patch``) tile the slide without overlap: ``origin = ((patch - stride) / 2 *
+    downsample)`` per axis (negative when ``stride > patch``: the cells then also cover the gaps).
+    An ``edge="shift"`` last window, closer to its neighbour than a stride, is still placed one
+    stride after it.
     """
 
     patient_id: Any
@@ -70,6 +86,90 @@ class StitchResult:
     missing: np.ndarray = field(repr=False)
     output_downsample: tuple[float, float]
     paths: dict[str, Path] = field(default_factory=dict)
+    origin: tuple[float, float] = (0.0, 0.0)
+
+    def to_geojson(
+        self,
+        path: str | PathLike[str],
+        *,
+        threshold: float = 0.5,
+        class_name: str = "Tumor",
+        channel: int = 0,
+        color: tuple[int, int, int] | None = None,
+    ) -> Path:
+        """Write the cells whose value is at least ``threshold`` as QuPath annotations (GeoJSON).
+
+        Adjacent cells are merged: one annotation Feature per connected polygon (holes kept), each
+        with QuPath's properties ``{"objectType": "annotation", "classification": {"name":
+        class_name, "color": [r, g, b]}}``. Coordinates are level-0 pixels of the slide, origin at
+        its top-left corner, x to the right and y down: what QuPath expects of GeoJSON, whatever the
+        resolution the model ran at. Each cell keeps its exact level-0 footprint (see the class
+        docstring), so edge cells may reach past the slide's edge (``edge="pad"``, or a dense
+        canvas rounded up). To see them in QuPath, open the slide and use File > Import objects (or
+        drag the file onto the viewer).
+
+        Args:
+            path: the file to write (``.geojson``), replaced if it exists.
+            threshold: a finite number; a cell counts when its value is ``>= threshold`` (NaN, a cell
+                no window covered, never counts).
+            class_name: the QuPath classification of the annotations (a non-empty str).
+            channel: which channel of a multi-channel array (``0`` when it has no channel axis).
+            color: the class's ``(r, g, b)`` (ints 0-255) in QuPath; default: red.
+
+        Returns:
+            ``path``. With no cell at or above ``threshold`` the file is an empty FeatureCollection
+            and a warning is logged.
+
+        Raises:
+            ConfigError: an argument is not allowed (the message names it).
+            MissingDependencyError: shapely is not installed (the ``[annotations]`` extra).
+        """
+        if not isinstance(path, (str, PathLike)):
+            raise ConfigError(f"to_geojson: path must be a str or os.PathLike, got {path!r}")
+        if (
+            isinstance(threshold, (bool, np.bool_))
+            or not isinstance(threshold, (int, float, np.integer, np.floating))
+            or not math.isfinite(threshold)
+        ):
+            raise ConfigError(f"to_geojson: threshold must be a finite number, got {threshold!r}")
+        if not isinstance(class_name, str) or not class_name.strip():
+            raise ConfigError(f"to_geojson: class_name must be a non-empty str, got {class_name!r}")
+        channels = self.array.shape[2] if self.array.ndim == 3 else None
+        if (
+            isinstance(channel, (bool, np.bool_))
+            or not isinstance(channel, (int, np.integer))
+            or not 0 <= channel < (channels or 1)
+        ):
+            allowed = f"0..{channels - 1}" if channels else "0 (the array has no channel axis)"
+            raise ConfigError(f"to_geojson: channel must be an int in {allowed}, got {channel!r}")
+        if color is not None and (
+            not isinstance(color, (tuple, list))
+            or len(color) != 3
+            or not all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255
+                for v in color
+            )
+        ):
+            raise ConfigError(
+                f"to_geojson: color must be None or (r, g, b) ints in 0..255, got {color!r}"
+            )
+        values = self.array if channels is None else self.array[..., int(channel)]
+        selected = np.asarray(values) >= threshold  # NaN compares False
+        shapely = _shapely()
+        (dx, dy), (x0, y0) = self.output_downsample, self.origin
+        geometry = shapely.transform(
+            mask_geometry(selected, (dx, dy)), lambda xy: xy + np.array([x0, y0])
+        )
+        if geometry.is_empty:
+            logger.warning(
+                "patient %r: no cell of channel %d is >= %g; %s holds no annotation",
+                self.patient_id, channel, threshold, path,
+            )  # fmt: skip
+        colors = None
+        if color is not None:
+            red, green, blue = (int(v) for v in color)
+            colors = {class_name: (red, green, blue)}
+        return write_geojson(path, {class_name: geometry}, colors=colors)
 
 
 def _to_list(name: str, value: Any) -> list[Any]:
@@ -373,7 +473,12 @@ class Stitcher:
             )
             array[r : r + step] = np.where(n > 0, sums[r : r + step] / np.maximum(n, 1), np.nan)
         step_x, step_y = grid.stride if self.mode is StitchMode.WINDOW else slide.factor
-        output_downsample = (step_x * grid.choice.downsample, step_y * grid.choice.downsample)
+        ds = grid.choice.downsample
+        output_downsample = (step_x * ds, step_y * ds)
+        origin = (0.0, 0.0)  # dense: the canvas starts at the slide's corner
+        if self.mode is StitchMode.WINDOW:  # a stride step centred on its window
+            (pw, ph), (sx, sy) = grid.patch_size, grid.stride
+            origin = ((pw - sx) / 2 * ds, (ph - sy) / 2 * ds)
         if isinstance(sums, np.memmap):
             assert isinstance(array, np.memmap) and isinstance(counts, np.memmap)
             array.flush()
@@ -387,10 +492,10 @@ class Stitcher:
             np.save(paths["npy"], array)
             np.save(paths["coverage"], counts)
         if paths:
-            self._write_sidecars(slide, array, counts, output_downsample, paths)
+            self._write_sidecars(slide, array, counts, output_downsample, origin, paths)
         missing = np.argwhere(grid.include & ~slide.received)
         self.results[grid.patient_id] = StitchResult(
-            grid.patient_id, array, counts, missing, output_downsample, paths
+            grid.patient_id, array, counts, missing, output_downsample, paths, origin=origin
         )
         if slide.bar is not None:
             slide.bar.close()
@@ -401,6 +506,7 @@ class Stitcher:
         array: np.ndarray,
         counts: np.ndarray,
         output_downsample: tuple[float, float],
+        origin: tuple[float, float],
         paths: dict[str, Path],
     ) -> None:
         """The JSON geometry and the PNG heatmap (when the slide's thumbnail can be read)."""
@@ -411,11 +517,14 @@ class Stitcher:
             str(array.dtype),
         )
         meta["output_downsample"] = list(output_downsample)
+        meta["origin"] = list(origin)  # level-0 top-left of cell (0, 0), see StitchResult
         meta["missing"] = int((slide.grid.include & ~slide.received).sum())
         meta["files"] = {key: path.name for key, path in paths.items()}
         if self.png:
             try:
-                meta["heatmap"] = self._picture(slide, array, counts, output_downsample, paths["png"])
+                meta["heatmap"] = self._picture(
+                    slide, array, counts, output_downsample, paths["png"]
+                )
             except SlideError as exc:  # a one-level slide whose damaged tile the windows skipped
                 logger.warning(
                     "no heatmap picture for patient %r: its thumbnail cannot be read (%s); the "
@@ -456,6 +565,43 @@ class Stitcher:
         channel = None if array.ndim == 2 else self.channel
         heatmap = {"channel": channel, "vmin": vmin, "vmax": vmax, "alpha": self.alpha}
         return heatmap | {"colormap": "viridis", "size": [image.shape[1], image.shape[0]]}
+
+    # -- export ------------------------------------------------------------------------------------
+
+    def to_geojson(
+        self,
+        patient_id: Any,
+        path: str | PathLike[str],
+        *,
+        threshold: float = 0.5,
+        class_name: str = "Tumor",
+        channel: int = 0,
+        color: tuple[int, int, int] | None = None,
+    ) -> Path:
+        """Write ``patient_id``'s thresholded result as QuPath annotations (level-0 GeoJSON; import
+        with File > Import objects, or drag the file onto the viewer): :meth:`StitchResult.to_geojson`
+        of ``self.results[patient_id]``, available once the slide's last window arrived or after
+        :meth:`finish`.
+
+        Raises:
+            ConfigError: ``patient_id`` is not a slide of this Stitcher, or an option is not allowed.
+            StitchError: the slide has no result yet (windows still missing, or none received).
+        """
+        if patient_id not in self._slides:
+            raise ConfigError(
+                f"Stitcher.to_geojson: unknown patient_id {patient_id!r}; known: {list(self._slides)[:5]}"
+            )
+        result = self.results.get(patient_id)
+        if result is None:
+            slide = self._slides[patient_id]
+            raise StitchError(
+                f"patient {patient_id!r} has no result yet ({slide.n_received} of {slide.grid.count} "
+                "windows received); a slide's result exists once its last window arrives, or after "
+                "finish() for one that received some"
+            )
+        return result.to_geojson(
+            path, threshold=threshold, class_name=class_name, channel=channel, color=color
+        )
 
     def __repr__(self) -> str:
         return (

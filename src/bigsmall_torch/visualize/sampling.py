@@ -4,7 +4,9 @@
 (patient, level-0 position, level, size; no pixels), kept as small numpy arrays per patient.
 :func:`render_sampling` draws one patient's record over the slide's thumbnail: patches filled
 semi-transparent, big chunks outlined in another colour. Big chunks are drawn when the batches say
-where they were (``chunk_x``/``chunk_y``, e.g. from :class:`ChunkInfoCollector`).
+where they were (``chunk_x``/``chunk_y``, e.g. from :class:`ChunkInfoCollector`). With
+``annotations=`` the regions a pathologist drew are outlined first, one colour per class, under the
+patches: where the samples came from next to where the classes are.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +27,26 @@ from ..chunks import BigChunk, ChunkContext, SmallChunk, SmallChunkCollector
 from ..data import Dataset
 from ..errors import ConfigError
 from ..io.slide import Backend, SlideInfo, SlideReader
-from ._draw import safe_names, slide_thumbnail
+from ._draw import (
+    AnnotationSource,
+    _annotation_layers,
+    _draw_outlines,
+    safe_names,
+    slide_thumbnail,
+)
 
-__all__ = ["ChunkInfoCollector", "SampledPatches", "SamplingRecorder", "render_sampling", "sampling_overlay"]
+__all__ = [
+    "ChunkInfoCollector",
+    "SampledPatches",
+    "SamplingRecorder",
+    "render_sampling",
+    "sampling_overlay",
+]
 
 logger = logging.getLogger(__name__)
 
 _COLUMNS = ("x", "y", "width", "height", "level", "mpp", "chunk_x", "chunk_y", "chunk_width", "chunk_height")  # fmt: skip
+
 
 def _column(batch: Mapping[str, Any], key: str, n: int, default: float = math.nan) -> np.ndarray:
     value = batch.get(key)
@@ -194,12 +209,16 @@ class SamplingRecorder:
         out_dir: str | os.PathLike[str],
         *,
         record_key: str | None = None,
+        annotation_key: str | None = None,
         **options: Any,
     ) -> dict[Any, Path]:
         """One PNG per recorded patient (``<out_dir>/<safe id>.png``, see :func:`render_sampling`).
 
         ``dataset`` is a :class:`~bigsmall_torch.Dataset` or a dataset wrapping one (``.dataset``);
-        ``record_key`` defaults to its loader's, else ``"wsi"``.
+        ``record_key`` defaults to its loader's, else ``"wsi"``. ``annotation_key``: the record key
+        of each patient's annotation file (as the loaders' ``annotations=``), outlined under the
+        patches (``classes=``, ``annotation_colors=`` and ``annotation_width=`` go to
+        :func:`sampling_overlay`).
         """
         data = dataset if isinstance(dataset, Dataset) else getattr(dataset, "dataset", None)
         if not isinstance(data, Dataset):
@@ -219,18 +238,36 @@ class SamplingRecorder:
             raise ConfigError(
                 f"render_all: recorded patients {unknown[:5]} are not in dataset {data.name!r}"
             )
+        if annotation_key is not None:
+            if not isinstance(annotation_key, str):
+                raise ConfigError(
+                    f"render_all: annotation_key must be a record key (str), got {annotation_key!r}"
+                )
+            if options.get("annotations") is not None:
+                raise ConfigError("render_all: give annotation_key= or annotations=, not both")
+        elif options.get("annotations") is not None and len(self._parts) > 1:
+            raise ConfigError(
+                f"render_all: annotations= would outline the same regions on all {len(self._parts)} "
+                "slides; give annotation_key= (the record key of each patient's annotation file)"
+            )
+        for pid in self.patients:  # a missing record fails before any picture is written
+            patients[pid].record(key)
+            if annotation_key is not None:
+                patients[pid].record(annotation_key)
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
         names = safe_names(self.patients)
-        return {
-            pid: render_sampling(
+        paths = {}
+        for pid in self.patients:
+            if annotation_key is not None:
+                options["annotations"] = patients[pid].record(annotation_key)
+            paths[pid] = render_sampling(
                 patients[pid].record(key).path,
                 self.records(pid),
                 folder / f"{names[pid]}.png",
                 **options,
             )
-            for pid in self.patients
-        }
+        return paths
 
     def __repr__(self) -> str:
         return f"SamplingRecorder(patients={len(self._parts)}, samples={len(self)})"
@@ -258,14 +295,51 @@ def sampling_overlay(
     alpha: float = 0.4,
     outline: bool = True,
     chunks: bool = True,
+    annotations: AnnotationSource | None = None,
+    classes: Sequence[str] | None = None,
+    annotation_colors: Mapping[str, tuple[int, int, int]] | None = None,
+    annotation_width: int = 2,
 ) -> np.ndarray:
-    """``thumbnail`` with the patches filled (``alpha``, outlined a shade darker) and the big chunks outlined."""
+    """``thumbnail`` with the patches filled (``alpha``, outlined a shade darker) and the big chunks outlined.
+
+    Args:
+        annotations: regions to outline under the patches: :class:`~bigsmall_torch.Annotations`,
+            :class:`~bigsmall_torch.ClassRegions`, an annotation :class:`~bigsmall_torch.Record`
+            or the path of an annotation file (read with :func:`~bigsmall_torch.read_annotations`;
+            a label mask's ``downsample`` defaults to the slide's size over the mask's). The
+            exterior and hole rings of each class's polygons are drawn in its colour.
+        classes: the classes to outline (default: all of them).
+        annotation_colors: ``{class: (r, g, b)}``; classes not in it take a fixed palette, in the
+            order of the annotations' classes.
+        annotation_width: the outlines' width in picture pixels.
+    """
     from PIL import Image, ImageDraw
 
     if not 0 <= alpha <= 1:
         raise ConfigError(f"sampling_overlay: alpha must be in [0, 1], got {alpha!r}")
+    if annotations is None and (classes is not None or annotation_colors is not None):
+        raise ConfigError(
+            "sampling_overlay: classes= and annotation_colors= need annotations= (got annotations=None)"
+        )
+    if (
+        isinstance(annotation_width, bool)
+        or not isinstance(annotation_width, (int, np.integer))
+        or annotation_width < 1
+    ):
+        raise ConfigError(
+            f"sampling_overlay: annotation_width must be an int >= 1 (pixels), got {annotation_width!r}"
+        )
     width0, height0 = info.dimensions
     scale = (thumbnail.shape[1] / width0, thumbnail.shape[0] / height0)
+    if annotations is not None:
+        layers = _annotation_layers(
+            annotations,
+            info.dimensions,
+            classes=classes,
+            colors=annotation_colors,
+            where="sampling_overlay",
+        )
+        thumbnail = _draw_outlines(thumbnail, layers, scale, width=int(annotation_width))
     rects = _rectangles(records.boxes(info), scale, thumbnail.shape)
     filled = np.zeros(thumbnail.shape[:2], dtype=bool)
     for x0, y0, x1, y1 in rects:
@@ -296,9 +370,13 @@ def render_sampling(
     *,
     thumbnail_size: int = 1024,
     backend: str | Backend = "auto",
+    annotations: AnnotationSource | None = None,
+    classes: Sequence[str] | None = None,
+    annotation_colors: Mapping[str, tuple[int, int, int]] | None = None,
     **options: Any,
 ) -> Path:
-    """Write a PNG of the slide's thumbnail with ``records`` drawn on it (see :func:`sampling_overlay`)."""
+    """Write a PNG of the slide's thumbnail with ``records`` drawn on it (see :func:`sampling_overlay`),
+    over the outlines of ``annotations`` (the ``classes`` asked, in ``annotation_colors``) when given."""
     from PIL import Image
 
     if not isinstance(records, SampledPatches):
@@ -307,7 +385,11 @@ def render_sampling(
         )
     thumbnail, info = slide_thumbnail(slide, size=thumbnail_size, backend=backend)
     path = Path(out_png)
-    Image.fromarray(sampling_overlay(thumbnail, info, records, **options)).save(path)
+    picture = sampling_overlay(
+        thumbnail, info, records, annotations=annotations, classes=classes,
+        annotation_colors=annotation_colors, **options,
+    )  # fmt: skip
+    Image.fromarray(picture).save(path)
     logger.debug("wrote %s (%d patches)", path, len(records))
     return path
 
