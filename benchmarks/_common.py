@@ -43,6 +43,36 @@ def make_parser(module_file: str, doc: str | None) -> argparse.ArgumentParser:
     )
 
 
+def add_scaled_options(
+    parser: argparse.ArgumentParser, scaled: dict[str, tuple[int, int, str]], quick_help: str
+) -> None:
+    """``--quick`` plus one int option per entry of ``scaled`` (``name -> (default, --quick
+    default, help)``), whose default depends on ``--quick`` (see :func:`resolve_scaled`)."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    for name, (full, quick, text) in scaled.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, help=f"{text} (default {full}; --quick {quick})")
+
+
+def resolve_scaled(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    scaled: dict[str, tuple[int, int, str]],
+    checked: Sequence[str] = (),
+    zero_ok: Sequence[str] = ("warmup", "workers", "seed"),
+) -> None:
+    """Fill the ``scaled`` options left unset from ``--quick``; then require every scaled and
+    ``checked`` option to be >= 1 (>= 0 for ``zero_ok``), as a parser error naming the flag."""
+    for name, (full, quick, _) in scaled.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    for name in [*scaled, *checked]:
+        minimum = 0 if name in zero_ok else 1
+        if getattr(args, name) < minimum:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} must be >= {minimum}, got {getattr(args, name)}")
+
+
 def prepare_slides(folder: Path, *, n: int, size: int, seed: int = 0) -> list[Path]:
     """``n`` synthetic ``size x size`` slides (256 px JPEG tiles, tissue everywhere) cached in
     ``folder/size-<size>``: written on first use, re-used afterwards.

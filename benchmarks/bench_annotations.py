@@ -65,8 +65,10 @@ try:
         REAL_SLIDE,
         REPO_ROOT,
         LoaderTiming,
+        add_scaled_options,
         make_parser,
         markdown_table,
+        resolve_scaled,
         time_loader,
     )
     from .bench_core import BUFFER_SIZE, CHUNK, DECODE_THREADS, PATCH
@@ -75,8 +77,10 @@ except ImportError:  # run as a script: python benchmarks/bench_annotations.py
         REAL_SLIDE,
         REPO_ROOT,
         LoaderTiming,
+        add_scaled_options,
         make_parser,
         markdown_table,
+        resolve_scaled,
         time_loader,
     )
     from bench_core import BUFFER_SIZE, CHUNK, DECODE_THREADS, PATCH
@@ -559,12 +563,7 @@ _SCALED = {
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = make_parser(__file__, __doc__)
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: fewer batches, one round (about 20 s)"
-    )
-    for name, (full, quick, text) in _SCALED.items():
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, type=int, help=f"{text} (default {full}; --quick {quick})")
+    add_scaled_options(parser, _SCALED, "smoke run: fewer batches, one round (about 20 s)")
     parser.add_argument(
         "--size", type=int, default=8192, help="slide width and height (default 8192)"
     )
@@ -587,14 +586,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
-    for name, (full, quick, _) in _SCALED.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    for name in [*_SCALED, "slides", "workers", "batch_size", "seed", "decode_threads"]:
-        minimum = 0 if name in ("warmup", "workers", "seed") else 1
-        if getattr(args, name) < minimum:
-            flag = "--" + name.replace("_", "-")
-            parser.error(f"{flag} must be >= {minimum}, got {getattr(args, name)}")
+    resolve_scaled(parser, args, _SCALED, ["slides", "workers", "batch_size", "seed", "decode_threads"])
     if args.size < 2 * CHUNK or args.size % 256:
         parser.error(f"--size must be a multiple of 256 and >= {2 * CHUNK}, got {args.size}")
     return args

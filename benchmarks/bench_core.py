@@ -60,18 +60,22 @@ try:
     from ._common import (
         REPO_ROOT,
         LoaderTiming,
+        add_scaled_options,
         make_parser,
         markdown_table,
         prepare_slides,
+        resolve_scaled,
         time_loader,
     )
 except ImportError:  # run as a script: python benchmarks/bench_core.py
     from _common import (
         REPO_ROOT,
         LoaderTiming,
+        add_scaled_options,
         make_parser,
         markdown_table,
         prepare_slides,
+        resolve_scaled,
         time_loader,
     )
 
@@ -690,12 +694,7 @@ _SCALED = {
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = make_parser(__file__, __doc__)
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: small slides, few batches (about a minute)"
-    )
-    for name, (full, quick, text) in _SCALED.items():
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, type=int, help=f"{text} (default {full}; --quick {quick})")
+    add_scaled_options(parser, _SCALED, "smoke run: small slides, few batches (about a minute)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every row (default 0)")
@@ -719,14 +718,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
-    for name, (full, quick, _) in _SCALED.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    for name in [*_SCALED, "workers", "batch_size", "seed", "decode_threads"]:
-        minimum = 0 if name in ("warmup", "workers", "seed") else 1
-        if getattr(args, name) < minimum:
-            flag = "--" + name.replace("_", "-")
-            parser.error(f"{flag} must be >= {minimum}, got {getattr(args, name)}")
+    resolve_scaled(parser, args, _SCALED, ["workers", "batch_size", "seed", "decode_threads"])
     if args.size < CHUNK:
         parser.error(f"--size must be >= {CHUNK} (the big chunk side), got {args.size}")
     return args

@@ -502,3 +502,41 @@ def test_batched_masks_travel_in_the_batch_slot(painted: dict[str, Path], transf
             paint = rg.painted_class(image[i], CLASSES)
             assert (paint == b["mask"][i].numpy()).mean() > 0.9
             assert int(b["target"][i]) == int(b["mask"][i, 16, 16]) - 1
+
+
+# -- a real slide ---------------------------------------------------------------------------------
+
+
+def test_real_slide_patches_masks_and_windows(cmu1: Path, tmp_path: Path) -> None:
+    """A QuPath-style outline on the real Aperio slide: pixels equal the reader at the reported
+    coordinates, masks equal an independent point-in-polygon test at every 7th pixel centre (off
+    the outline itself), and the windows kept are exactly those sharing area with the outline."""
+    outline = [[[300, 250], [1700, 300], [1850, 1300], [900, 1900], [350, 1400], [300, 250]],
+               [[900, 800], [1200, 800], [1100, 1100], [900, 800]]]  # fmt: skip
+    path = _write(tmp_path, "cmu1.geojson", {"type": "FeatureCollection", "features": [_feature(outline)]})
+    polygon = shapely.geometry.Polygon(outline[0], outline[1:])
+    ds = bst.Dataset("real", [bst.Patient("cmu1", {"wsi": bst.Record(cmu1), "annotations": bst.Record(path)})])
+    samples = stream(ds, classes=("Tumor",), samples=64, chunk=768, patch=96, workers=2, batch=16)
+    reader = bst.open_slide(cmu1)
+    try:
+        for s in samples:
+            assert (reader.read(s["x"], s["y"], 0, 96, 96).transpose(2, 0, 1) == s["image"]).all()
+            j, i = np.mgrid[0:96:7, 0:96:7]
+            cx, cy = s["x"] + i + 0.5, s["y"] + j + 0.5
+            inside = shapely.contains_xy(polygon, cx, cy)
+            on_edge = shapely.intersects_xy(polygon.boundary, cx, cy)  # the half-open rule decides
+            assert ((s["mask"][j, i] == inside) | on_edge).all()
+    finally:
+        reader.close()
+    share = polygon.area / (2220 * 2967)  # of the slide (about a quarter)
+    assert np.mean([s["target"] == 0 for s in samples]) > 1.5 * share  # chunks sit on the outline
+    windows = bst.SlidingWindowDataset(ds, 256, annotations="annotations", classes=["Tumor"])
+    grid = windows.grid("cmu1")
+    expected = {
+        (r, c)
+        for r in range(grid.rows)
+        for c in range(grid.cols)
+        if polygon.intersection(shapely.box(c * 256, r * 256, (c + 1) * 256, (r + 1) * 256)).area > 0
+    }
+    assert {tuple(rc) for rc in np.argwhere(grid.include)} == expected
+    assert len(windows) == len(expected)

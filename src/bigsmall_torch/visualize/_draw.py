@@ -7,21 +7,11 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..annotations import (
-    DEFAULT_EXCLUDE,
-    AnnotationKind,
-    Annotations,
-    ClassRegions,
-    _kind,
-    _mask_size,
-    _shapely,
-    read_annotations,
-)
+from ..annotations import Annotations, ClassRegions, _shapely, read_record
 from ..data import Record
 from ..errors import ConfigError
 from ..io.slide import Backend, SlideInfo, SlideReader, open_slide
@@ -149,25 +139,12 @@ def _read_source(
     defaults to the slide's level-0 size over the mask's."""
     if isinstance(source, (Annotations, ClassRegions)):
         return source
-    if isinstance(source, Record):
-        path, info = source.path, dict(source.info)
-    elif isinstance(source, (str, os.PathLike)):
-        path, info = Path(source), {}
-    else:
+    if not isinstance(source, (Record, str, os.PathLike)):
         raise ConfigError(
             f"{where}: annotations must be Annotations, ClassRegions, a Record or the path of an "
             f"annotation file, got {type(source).__name__}"
         )
-    kind = _kind(path, info.get("kind"))
-    options: dict[str, Any] = {"kind": kind, "exclude": tuple(info.get("exclude", DEFAULT_EXCLUDE))}
-    if kind is AnnotationKind.MASK:
-        downsample = info.get("downsample")
-        if downsample is None:
-            mw, mh = _mask_size(path)
-            downsample = (dimensions[0] / mw, dimensions[1] / mh)
-        options["downsample"] = downsample
-        options["labels"] = info.get("labels")
-    return read_annotations(path, **options)
+    return read_record(source, dimensions)
 
 
 def _rgb(value: Any) -> bool:
