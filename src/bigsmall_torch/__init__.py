@@ -12,6 +12,7 @@ from ._engine.reservoir import OnError, Reservoir, ReservoirStats
 from ._engine.sharding import Topology
 from ._version import __version__
 from .annotations import AnnotationKind, Annotations, ClassRegions, read_annotations, write_geojson
+from .bags import FeatureBagDataset, read_bag
 from .chunks import BigChunk, BigChunkLoader, ChunkContext, SmallChunk, SmallChunkCollector
 from .collectors import LabelRule, RandomCropCollector
 from .data import Dataset, Patient, Record
@@ -31,6 +32,14 @@ from .errors import (
     StitchError,
     StreamError,
     UnusableSlidesError,
+)
+from .features import (
+    ExtractionSummary,
+    FeatureDtype,
+    SlideExtraction,
+    TimmPreprocess,
+    extract_features,
+    timm_encoder,
 )
 from .inference.sliding import Edge, Grid, SlidingWindowDataset
 from .inference.stitching import Stitcher, StitchMode, StitchResult
@@ -66,7 +75,10 @@ __all__ = [
     "DatasetError",
     "Edge",
     "EpochReport",
+    "ExtractionSummary",
     "ExtractorError",
+    "FeatureBagDataset",
+    "FeatureDtype",
     "Grid",
     "LabelBalancedScheduler",
     "LabelRule",
@@ -88,6 +100,7 @@ __all__ = [
     "Sharding",
     "SlideCache",
     "SlideError",
+    "SlideExtraction",
     "SlideInfo",
     "SlideOpenError",
     "SlideReader",
@@ -101,6 +114,7 @@ __all__ = [
     "StitchMode",
     "StitchResult",
     "StreamError",
+    "TimmPreprocess",
     "TissueDetector",
     "TissueMask",
     "Topology",
@@ -114,5 +128,8 @@ __all__ = [
     "slide_info",
     "tissue_mask",
     "write_geojson",
+    "extract_features",
+    "read_bag",
+    "timm_encoder",
     "__version__",
 ]
