@@ -162,6 +162,11 @@ def test_broken_slide_follows_on_error(cohort: tuple[Path, bst.Dataset], tmp_pat
     assert [s.patient_id for s in summary.failed] == ["broken"]
     assert not feature_path(tmp_path / "b", "broken").exists()
     assert "failed" in {r["id"]: r["status"] for r in _summary_rows(tmp_path / "b")}["broken"]
+    # A re-run where only the broken slide is left to do still reports both.
+    again = bst.extract_features(mixed, Means(), tmp_path / "b", patch_size=128, level=1, num_workers=0,
+                                 progress=False, on_error="skip")  # fmt: skip
+    status = {s.patient_id: s.status for s in again.slides}
+    assert status[slides.patients[0].id] == "exists" and status["broken"].startswith("failed")
 
 
 def test_bad_arguments(cohort: tuple[Path, bst.Dataset], tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""The ``bigsmall-torch`` command line: ``demo`` (a tour on synthetic slides) and ``inspect`` (what a
-slide holds). The benchmarks are not installed: run them from a source checkout with
+"""The ``bigsmall-torch`` command line: ``demo`` (a tour on synthetic slides), ``inspect`` (what a
+slide holds) and ``extract`` (a feature bag per slide of a folder). The benchmarks are not installed: run them from a source checkout with
 ``python -m benchmarks.bench_core`` and the like (``python -m benchmarks`` lists them)."""
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -186,6 +193,111 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# Slide files ``extract`` looks for when no --pattern is given (case-insensitive): the formats the
+# tiffslide, OpenSlide and DICOM backends read. A glob has no alternatives, so one pattern each.
+SLIDE_SUFFIXES = (
+    *("svs", "tif", "tiff", "ndpi", "vms", "vmu"),
+    *("scn", "mrxs", "bif", "svslide", "dcm"),
+)
+
+
+def _any_case(suffix: str) -> str:
+    """``*.svs`` -> ``*.[sS][vV][sS]``: a glob that matches the suffix in any case."""
+    return "*." + "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in suffix)
+
+
+def _find_slides(folder: Path, patterns: Sequence[str], recursive: bool) -> Any:
+    """A Dataset of the files under ``folder`` matching any of ``patterns`` (one ``from_folder``
+    per pattern that matches something, merged); raises DatasetError when there is none."""
+    import bigsmall_torch as bst
+    from bigsmall_torch.errors import DatasetError
+
+    if not folder.exists():
+        raise DatasetError(f"SLIDES_DIR {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise DatasetError(f"SLIDES_DIR {str(folder)!r} is not a folder")
+    patients: dict[Any, Any] = {}
+    for pattern in patterns:
+        found = folder.rglob(pattern) if recursive else folder.glob(pattern)
+        if not any(not p.is_dir() for p in found):
+            continue
+        found_here = bst.Dataset.from_folder(folder, pattern=pattern, recursive=recursive)
+        for patient in found_here.patients:
+            same = patients.setdefault(patient.id, patient)
+            if same is not patient and same.record("wsi").path != patient.record("wsi").path:
+                raise DatasetError(
+                    f"{same.record('wsi').path} and {patient.record('wsi').path} have the same id "
+                    f"{patient.id!r} (ids are paths without the suffix): rename one or narrow --pattern"
+                )
+    if not patients:
+        where = "under" if recursive else "in"
+        raise DatasetError(
+            f"no slide {where} {str(folder)!r} matches {' '.join(patterns)} "
+            "(give --pattern for other files, --recursive for sub-folders)"
+        )
+    return bst.Dataset(folder.resolve().name, sorted(patients.values(), key=lambda p: str(p.id)))
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    """Extract a feature bag per slide of SLIDES_DIR; print the failed slides and the totals.
+    Exit 0 when every slide has its file; 1 when one failed (or, with --on-error raise, at the
+    first error); 2 when SLIDES_DIR holds no slide or the library refuses an option (e.g. an
+    unknown --model)."""
+    import bigsmall_torch as bst
+    from bigsmall_torch.errors import BigSmallError, ConfigError, DatasetError, SlideError
+
+    patterns = args.pattern or [_any_case(s) for s in SLIDE_SUFFIXES]
+    try:
+        dataset = _find_slides(args.slides_dir, patterns, args.recursive)
+    except DatasetError as exc:
+        sys.stderr.write(f"bigsmall-torch extract: error: {exc}\n")
+        return 2
+    resolution: dict[str, Any] = {"level": 0 if args.level is None else args.level}
+    if args.mpp is not None:
+        resolution = {"mpp": args.mpp}
+    elif args.magnification is not None:
+        resolution = {"magnification": args.magnification}
+    started = time.perf_counter()
+    try:
+        summary = bst.extract_features(
+            dataset,
+            args.model,
+            args.out_dir,
+            patch_size=args.patch_size,
+            stride=args.stride,
+            **resolution,
+            tissue_only=not args.all_windows,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            device=args.device,
+            dtype=args.dtype,
+            on_error=args.on_error,
+            overwrite=args.overwrite,
+            pretrained=args.pretrained,
+            progress=not args.no_progress,
+        )
+    except BigSmallError as exc:  # the library's messages name the slide and how to fix it
+        logger.debug("extract failed", exc_info=True)
+        sys.stderr.write(f"bigsmall-torch extract: error: {exc}\n")
+        return 2 if isinstance(exc, ConfigError) and not isinstance(exc, SlideError) else 1
+    elapsed = time.perf_counter() - started
+    counts = {"written": 0, "exists": 0, "failed": 0}
+    for row in summary.slides:
+        key = row.status.split(":")[0]
+        counts[key] = counts.get(key, 0) + 1
+        if key == "failed":
+            reason = row.status.partition(":")[2].strip()
+            print(f"{row.patient_id}: {reason}", flush=True)
+    windows = sum(r.windows for r in summary.slides if r.status == "written")
+    print(
+        f"{len(summary.slides)} slides: {counts['written']} written, {counts['exists']} exists, "
+        f"{counts['failed']} failed; {windows} windows written in {elapsed:.1f} s "
+        f"({windows / elapsed if elapsed > 0 else 0.0:,.1f} windows/s); summary: {summary.csv}",
+        flush=True,
+    )
+    return 1 if counts["failed"] else 0
+
+
 BENCH_HELP = """\
 bigsmall-torch: the benchmarks are not part of the installed package, so there is no `bench` command.
 Run them from the root of a source checkout (git clone the repository, then pip install -e '.[bench]'):
@@ -230,7 +342,66 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide"])
     inspect.add_argument("--no-tissue", action="store_true", help="skip the tissue fraction")
     inspect.set_defaults(run=run_inspect)
+    _add_extract(commands)
     return parser
+
+
+def _add_extract(commands: Any) -> None:
+    extract = commands.add_parser(
+        "extract",
+        help="run a timm model over every window of every slide of a folder: one .h5 per slide",
+        description="Run a timm model over every (tissue) window of every slide of SLIDES_DIR and "
+        "write OUT_DIR/<slide id>.h5 (features, coords, grid) and OUT_DIR/summary.csv. Slides whose "
+        "file is already complete are kept (re-run to resume; --overwrite to redo them).",
+    )
+    extract.add_argument("slides_dir", metavar="SLIDES_DIR", type=Path, help="folder of slides")
+    extract.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="where the .h5 files go")
+    extract.add_argument(
+        "--pattern",
+        action="append",
+        metavar="GLOB",
+        help="slide files to take, repeatable (default: any-case "
+        + ", ".join(f"*.{s}" for s in SLIDE_SUFFIXES)
+        + ")",
+    )
+    extract.add_argument("--recursive", action="store_true", help="look in sub-folders too")
+    extract.add_argument("--model", default="resnet18", help="timm model name (default: resnet18)")
+    extract.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="load the model's pretrained weights (default: yes; needs network access once)",
+    )
+    extract.add_argument("--patch-size", type=_positive, default=224, help="window size (px)")
+    extract.add_argument(
+        "--stride", type=_positive, default=None, help="window step (px; default: the patch size)"
+    )
+    where = extract.add_mutually_exclusive_group()
+    where.add_argument("--level", type=_non_negative, help="pyramid level to read (default: 0)")
+    where.add_argument("--mpp", type=_positive_float, help="resolution in microns per pixel")
+    where.add_argument("--magnification", type=_positive_float, help="objective power, e.g. 20")
+    extract.add_argument("--batch-size", type=_positive, default=64)
+    extract.add_argument(
+        "--workers", type=_non_negative, default=None, help="DataLoader workers (default: up to 4)"
+    )
+    extract.add_argument("--device", default=None, help="e.g. cuda:1 (default: cuda if available)")
+    extract.add_argument(
+        "--dtype", choices=["float16", "float32"], default="float16", help="how features are stored"
+    )
+    extract.add_argument(
+        "--all-windows", action="store_true", help="every window of the grid, not only tissue"
+    )
+    extract.add_argument(
+        "--on-error",
+        choices=["raise", "skip"],
+        default="skip",
+        help="an unreadable slide stops the run, or is listed as failed (default: skip)",
+    )
+    extract.add_argument(
+        "--overwrite", action="store_true", help="redo slides whose file is already complete"
+    )
+    extract.add_argument("--no-progress", action="store_true", help="no progress bar")
+    extract.set_defaults(run=run_extract)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

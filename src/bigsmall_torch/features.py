@@ -43,7 +43,7 @@ from ._engine.sharding import distributed_rank_and_world
 from ._validate import choice, positive_int, size_pair
 from ._version import __version__
 from .data import Dataset, Patient
-from .errors import ConfigError, MissingDependencyError, SlideError
+from .errors import ConfigError, DatasetError, MissingDependencyError, SlideError
 from .inference.sliding import Edge, SlidingWindowDataset, _positions
 from .io.resolution import DEFAULT_TOLERANCE, Resolution, extent
 from .io.slide import SlideCache
@@ -431,12 +431,20 @@ def _run(
 ) -> None:  # fmt: skip
     """Extract the slides of ``todo`` on this rank, filling ``results``."""
     level = resolution.level if resolution.mpp is None and resolution.magnification is None else None
-    ds = SlidingWindowDataset(
-        todo, patch, steps, level=level, mpp=resolution.mpp, magnification=resolution.magnification,
-        tolerance=resolution.tolerance, tissue_only=tissue_only, min_tissue=min_tissue,
-        tissue_detector=tissue_detector, record_key=record_key, block_size=block_size,
-        batch_size=batch_size, on_error=on_error, decode_threads=decode_threads, rank=0, world_size=1,
-    )  # fmt: skip
+    try:
+        ds = SlidingWindowDataset(
+            todo, patch, steps, level=level, mpp=resolution.mpp, magnification=resolution.magnification,
+            tolerance=resolution.tolerance, tissue_only=tissue_only, min_tissue=min_tissue,
+            tissue_detector=tissue_detector, record_key=record_key, block_size=block_size,
+            batch_size=batch_size, on_error=on_error, decode_threads=decode_threads, rank=0, world_size=1,
+        )  # fmt: skip
+    except DatasetError as exc:  # on_error="skip" and none of this rank's slides can be used
+        errors = getattr(exc, "errors", None)
+        if errors is None:
+            raise
+        for pid, error in errors.items():
+            results[pid] = SlideExtraction(pid, 0, 0.0, f"failed: {error}", rank)
+        return
     for pid, reason in ds.skipped.items():
         results[pid] = SlideExtraction(pid, 0, 0.0, f"failed: {reason}", rank)
     writer = _Writer(out, ds, attrs, storage, rank)

@@ -320,10 +320,12 @@ class StreamingDataset(IterableDataset[Any]):
             ) from first
         good = [p for p in patients if p.id not in bad]
         if not good:
-            raise DatasetError(
+            error = DatasetError(
                 f"{self.kind}: every one of the {len(patients)} slides was skipped: "
                 + "; ".join(f"{pid!r}: {exc}" for pid, exc in list(bad.items())[:5])
             )
+            error.errors = bad  # type: ignore[attr-defined]  # patient id -> its slide's error
+            raise error
         self._refused = {pid: str(exc) for pid, exc in bad.items()}
         names = ", ".join(repr(pid) for pid in list(bad)[:5])
         logger.warning(
