@@ -418,9 +418,15 @@ def test_bands_when_workers_outnumber_patients(painted: dict[str, Path]) -> None
     samples = stream(cohort(painted), samples=256, workers=2, chunk=256, patch=32)
     assert len(samples) == 256
     _check_against_paint(samples, 32)
-    # Each worker's samples stay in its half of the slide (bands cut the longer side; square: x).
-    left = [s for s in samples if s["x"] + 32 <= rg.SIDE // 2]
-    right = [s for s in samples if s["x"] >= rg.SIDE // 2]
+    # Each worker's samples stay in its band: the slide cut along x where each side holds half of
+    # the annotated area.
+    reader = bst.open_slide(painted["slide"])
+    try:
+        cut = patient_regions(bst.Record(painted["geojson"]), list(CLASSES), reader).cuts(2, 0, rg.SIDE)[1]
+    finally:
+        reader.close()
+    left = [s for s in samples if s["x"] + 32 <= round(cut)]
+    right = [s for s in samples if s["x"] >= round(cut)]
     assert len(left) + len(right) == len(samples) and left and right
 
 
@@ -540,3 +546,101 @@ def test_real_slide_patches_masks_and_windows(cmu1: Path, tmp_path: Path) -> Non
     }
     assert {tuple(rc) for rc in np.argwhere(grid.include)} == expected
     assert len(windows) == len(expected)
+
+
+# -- review regressions ---------------------------------------------------------------------------
+
+
+class _PickledInWorker(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """Pickles every batch inside the worker (a log, a cache) before handing the original on."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __iter__(self) -> Any:
+        for batch in self.inner:
+            pickle.loads(pickle.dumps(batch))
+            yield batch
+
+
+def test_a_batch_pickled_twice_keeps_its_masks(painted: dict[str, Path]) -> None:
+    """The second pickling of a batch copies everything that views the slot, masks included, so
+    slot reuse never changes a batch the main process holds."""
+    loader = bst.RandomRegionLoader(256, annotations="annotations", classes=list(CLASSES))
+    ds = bst.BigSmallDataset(cohort(painted), loader, bst.RandomCropCollector(128, masks=True), buffer_size=2,
+                             smallchunks_per_bigchunk=8, samples_per_epoch=8 * 40, batch_size=8, seed=3)  # fmt: skip
+    kept = []
+    for n, b in enumerate(DataLoader(_PickledInWorker(ds), batch_size=None, num_workers=1)):
+        if n < 3:  # keep only the masks of the first batches; the slots go back meanwhile
+            kept.append((b["mask"], b["mask"].clone()))
+        del b
+    assert all(torch.equal(mask, copy) for mask, copy in kept)
+
+
+def test_bands_are_cut_by_annotated_area(painted: dict[str, Path]) -> None:
+    """With one region in the left quarter and two workers, each worker's band still holds half of
+    the annotated area (cut by area, not by slide width), so neither runs dry."""
+    samples = stream(cohort(painted), classes=("Necrosis",), samples=128, workers=2, chunk=256, patch=32)
+    assert len(samples) == 128
+    xs = [s["x"] + 16 for s in samples]  # patch centres
+    assert max(xs) < 800 and min(xs) >= 200 - 128  # on and around the necrosis (x 200-700)
+    assert min(xs) < 450 < max(xs)  # both halves of it: both workers sampled
+    assert np.mean([s["target"] == 0 for s in samples]) > 0.6
+
+
+def test_qupath_derived_classes_strings_and_stray_objects(painted: dict[str, Path], tmp_path: Path) -> None:
+    derived = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [50, 0], [50, 50], [0, 0]]]},
+               "properties": {"classification": {"names": ["Tumor", "Positive"], "color": [1, 2, 3]}}}  # fmt: skip
+    assert bst.read_annotations(_write(tmp_path, "d.geojson", [derived])).classes == ("Tumor: Positive",)
+    with pytest.raises(bst.ConfigError, match="exclude"):
+        patient_regions(bst.Record(painted["asap"], {"exclude": "_2"}), ["Tumor"], bst.open_slide(painted["slide"]))
+    # An unclassified object off the slide does not refuse a patient that asks only for Tumor.
+    stray = _feature([[[5000, 5000], [6000, 5000], [6000, 6000], [5000, 5000]]], name="Other")
+    path = _write(tmp_path, "s.geojson", [_feature([[[0, 0], [500, 0], [500, 500], [0, 0]]]), stray])
+    regions = patient_regions(bst.Record(path), ["Tumor"], bst.open_slide(painted["slide"]))
+    assert regions.area(0) == pytest.approx(125_000)
+
+
+def test_one_bit_mask_and_mask_pictures_with_classes(painted: dict[str, Path], tmp_path: Path) -> None:
+    from PIL import Image
+
+    bits = np.zeros((512, 512), dtype=bool)
+    bits[100:200, 50:150] = True
+    Image.fromarray(bits).save(tmp_path / "bits.png")  # mode "1"
+    ann = bst.read_annotations(tmp_path / "bits.png", downsample=4)
+    assert ann.classes == ("1",) and ann.area("1") == pytest.approx(100 * 100 * 16)
+    # Pictures read a label mask record as the loaders do: value k + 1 is classes[k].
+    recorder = bst.SamplingRecorder()
+    plain = bst.BigSmallDataset(cohort(painted), bst.RandomRegionLoader(256), bst.RandomCropCollector(32),
+                                buffer_size=2, smallchunks_per_bigchunk=4, samples_per_epoch=8)  # fmt: skip
+    recorder.update(next(iter(DataLoader(plain, batch_size=8))))
+    out = bst.render_sampling(painted["slide"], recorder.records("p"), tmp_path / "m.png",
+                              annotations=bst.Record(painted["mask"]), classes=["Tumor", "Stroma"])  # fmt: skip
+    assert out.exists()
+
+
+def test_more_construction_checks(painted: dict[str, Path]) -> None:
+    with pytest.raises(bst.ConfigError, match="balance"):
+        bst.RandomRegionLoader(512, balance="equal")
+    with pytest.raises(bst.ConfigError, match="needs big chunks with labels"):
+        bst.BigSmallDataset(cohort(painted), bst.RandomRegionLoader(512),
+                            bst.ChunkInfoCollector(bst.RandomCropCollector(64, masks=True)),
+                            buffer_size=2, samples_per_epoch=8, smallchunks_per_bigchunk=4)  # fmt: skip
+
+
+class _BFloatInfo(bst.RandomCropCollector):
+    """Adds a bfloat16 vector to each sample: numpy cannot hold it, so it is collated, not slotted."""
+
+    def extract_smallchunk(self, call_count: int, bigchunk: Any, ctx: Any) -> Any:
+        small = super().extract_smallchunk(call_count, bigchunk, ctx)
+        if small is not None:
+            small.info["embedding"] = torch.ones(4, dtype=torch.bfloat16)
+        return small
+
+
+def test_info_tensors_numpy_cannot_hold_are_collated(painted: dict[str, Path]) -> None:
+    ds = bst.BigSmallDataset(cohort(painted), bst.RandomRegionLoader(256), _BFloatInfo(32), buffer_size=2,
+                             smallchunks_per_bigchunk=4, samples_per_epoch=16, batch_size=8)  # fmt: skip
+    batches = list(DataLoader(ds, batch_size=None, num_workers=1))
+    assert [b["embedding"].shape for b in batches] == [(8, 4), (8, 4)]
+    assert all(b["embedding"].dtype == torch.bfloat16 for b in batches)

@@ -107,7 +107,7 @@ class ClassRegions:
             shapely.prepare(part)
         self._triangles: OrderedDict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._edge_arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._areas: dict[tuple[int, tuple[float, float, float, float]], float] = {}
+        self._areas: dict[tuple[Any, ...], float] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # the tree and the caches are rebuilt
         return {"classes": self.classes, "geometries": self.geometries, "source": self.source}
@@ -129,6 +129,30 @@ class ClassRegions:
             x, y, w, h = box
             self._areas[(k, box)] = float(_shapely().clip_by_rect(geometry, x, y, x + w, y + h).area)
         return self._areas[(k, box)]
+
+    def cuts(self, count: int, axis: int, length: float) -> list[float]:
+        """Level-0 positions ``0 = c_0 < ... < c_count = length`` along ``axis`` (0: x, 1: y) that
+        cut the regions of all classes into ``count`` strips of equal area (cached)."""
+        key = ("cuts", count, axis, length)
+        if key not in self._areas:
+            shapely = _shapely()
+            union, total = self._union, self._union.area
+            big = 1e18  # the other axis: everything
+
+            def area_before(c: float) -> float:
+                box = (0, -big, c, big) if axis == 0 else (-big, 0, big, c)
+                return float(shapely.clip_by_rect(union, *box).area)
+
+            cuts = [0.0]
+            for k in range(1, count):
+                lo, hi = cuts[-1], float(length)
+                for _ in range(48):  # bisection to well under a pixel
+                    mid = (lo + hi) / 2
+                    lo, hi = (mid, hi) if area_before(mid) < total * k / count else (lo, mid)
+                cuts.append(hi)
+            cuts.append(float(length))
+            self._areas[key] = cuts  # type: ignore[assignment]
+        return self._areas[key]  # type: ignore[return-value]
 
     def sample(
         self, k: int, rng: np.random.Generator, box: tuple[float, float, float, float] | None = None

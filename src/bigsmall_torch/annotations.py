@@ -64,7 +64,9 @@ logger = logging.getLogger(__name__)
 
 #: ASAP groups read as holes by default (CAMELYON16's ``_2`` and the usual "Exclusion").
 DEFAULT_EXCLUDE = ("_2", "Exclusion")
-_CACHE_SIZE = 64
+#: Files and class regions kept per process: a worker's whole shard for most cohorts (a miss re-reads
+#: the file and rebuilds the regions in the loading thread).
+_CACHE_SIZE = 512
 
 
 class AnnotationKind(str, Enum):
@@ -145,14 +147,16 @@ class Annotations:
         b = shapely.total_bounds([r.geometry for r in self.regions])
         return float(b[0]), float(b[1]), float(b[2]), float(b[3])
 
-    def within(self, width: int, height: int) -> Annotations:
+    def within(self, width: int, height: int, classes: Sequence[str] | None = None) -> Annotations:
         """These annotations on a ``width x height`` (level-0) slide: regions partly outside are
         clipped to it (one warning per file); a region entirely outside raises
-        :class:`~bigsmall_torch.AnnotationError` naming it (wrong slide, or coordinates not level-0?)."""
+        :class:`~bigsmall_torch.AnnotationError` naming it (wrong slide, or coordinates not level-0?).
+        With ``classes``, only the regions of those classes are checked and kept."""
         shapely = _shapely()
         slide = shapely.box(0, 0, width, height)
         kept, clipped = [], []
-        for region in self.regions:
+        regions = self.regions if classes is None else [r for r in self.regions if r.name in classes]
+        for region in regions:
             if shapely.within(region.geometry, slide):
                 kept.append(region)
                 continue
@@ -194,7 +198,7 @@ class Annotations:
                 ``tissue`` geometry outside every other class's region.
         """
         shapely = _shapely()
-        source = self if extent is None else self.within(*extent)
+        source = self if extent is None else self.within(*extent, classes=classes)
         unions = [source.geometry(name) for name in classes]
         if background is not None:
             name, tissue = background
@@ -258,6 +262,9 @@ def _geojson_class(properties: Mapping[str, Any]) -> str | None:
     classification = properties.get("classification")
     if isinstance(classification, Mapping):
         name = classification.get("name")
+        names = classification.get("names")  # QuPath 0.4+ derived classes: ["Tumor", "Positive"]
+        if name is None and isinstance(names, list) and names:
+            return ": ".join(map(str, names))  # QuPath's display form, "Tumor: Positive"
         return None if name is None else str(name)
     if isinstance(classification, str):
         return classification
@@ -361,6 +368,8 @@ def _read_mask(path: Path, downsample: float | tuple[float, float], labels: Mapp
                 array = np.asarray(image)
     except Exception as exc:  # Pillow and tifffile raise many types for broken files
         raise AnnotationError(path, f"cannot be read as a label mask image: {exc}") from exc
+    if array.dtype == bool:  # a 1-bit image: 1 is the (only) class
+        array = array.astype(np.uint8)
     if array.ndim == 3 and array.shape[2] in (1, 3, 4):
         if array.shape[2] > 1 and not (array[..., :1] == array[..., 1:3]).all():
             raise AnnotationError(path, "is a colour image; a label mask holds one class value per pixel")
@@ -381,6 +390,15 @@ _cache: OrderedDict[tuple[Any, ...], Annotations] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
+def _new_lock() -> None:
+    """In a forked child: a fresh lock (another thread of the parent may have held it at fork)."""
+    global _cache_lock
+    _cache_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock)
+
+
 def read_annotations(
     path: str | os.PathLike[str],
     *,
@@ -397,7 +415,9 @@ def read_annotations(
         exclude: ASAP groups read as holes cut out of every class.
         downsample: label masks: level-0 pixels per mask pixel (a number, or ``(x, y)``); required
             for masks.
-        labels: label masks: class name -> pixel value (default: each value ``v`` is class ``str(v)``).
+        labels: label masks: class name -> pixel value (default here: each value ``v`` is class
+            ``str(v)``; the loaders, sliding windows and pictures pass ``classes[k] -> k + 1`` when
+            the record's info gives none).
 
     Raises:
         AnnotationError: the file cannot be read or parsed; names the file and the object.
@@ -524,7 +544,7 @@ def read_record(
     path = Path(record.path) if hasattr(record, "path") else Path(record)
     info = dict(getattr(record, "info", {}))
     kind = _kind(path, info.get("kind"))
-    options: dict[str, Any] = {"kind": kind, "exclude": tuple(info.get("exclude", DEFAULT_EXCLUDE))}
+    options: dict[str, Any] = {"kind": kind, "exclude": info.get("exclude", DEFAULT_EXCLUDE)}
     if kind is AnnotationKind.MASK:
         downsample = info.get("downsample")
         if downsample is None:

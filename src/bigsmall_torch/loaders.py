@@ -134,6 +134,8 @@ class RandomRegionLoader(BigChunkLoader):
         self.size = size_pair("RandomRegionLoader: size", size)
         self.annotations, self.classes = _check_classes("RandomRegionLoader", annotations, classes)
         self.balance = choice("balance", balance, ClassBalance)
+        if self.annotations is None and self.balance is not ClassBalance.AREA:
+            raise ConfigError(f"RandomRegionLoader: balance={balance!r} needs annotations= and classes=")
         if background is not None and (self.annotations is None or background not in self.classes):
             raise ConfigError(
                 f"RandomRegionLoader: background={background!r} must be one of classes "
@@ -199,6 +201,23 @@ class RandomRegionLoader(BigChunkLoader):
             patient.record(self.annotations or ""), self.classes, reader,
             background=self.background, tissue_detector=self.tissue_detector,
         )  # fmt: skip
+
+    def _band(self, patient: Patient, reader: SlideReader, part: tuple[int, int]) -> tuple[int, int, int, int]:
+        """The ``(x, y, width, height)`` band of ``part`` in pixels of the asked resolution: the
+        slide cut along its longer side (:func:`part_bounds`), or with annotations, cut where each
+        band holds an equal share of the annotated area (so no worker's band is empty)."""
+        info = reader.info
+        width, height = self.extent(info)
+        if self.annotations is None or part[1] == 1:
+            return part_bounds(width, height, part)
+        index, count = part
+        ds = self.choice(info).downsample
+        axis = 0 if width >= height else 1
+        length = width if axis == 0 else height
+        cuts = self._regions(patient, reader).cuts(count, axis, length * ds)
+        lo = min(max(round(cuts[index] / ds), 0), length)
+        hi = min(max(round(cuts[index + 1] / ds), lo), length)
+        return (lo, 0, hi - lo, height) if axis == 0 else (0, lo, width, hi - lo)
 
     def _on_regions(
         self,
@@ -266,7 +285,7 @@ class RandomRegionLoader(BigChunkLoader):
         reader = ctx.slides.get(record.path, mpp=record.info.get("mpp"))
         info = reader.info
         choice = self.choice(info)
-        bx, by, bw, bh = part_bounds(*self.extent(info), ctx.part)
+        bx, by, bw, bh = self._band(patient, reader, ctx.part)
         w, h = min(self.size[0], bw), min(self.size[1], bh)
         focus = None
         if self.annotations is not None:

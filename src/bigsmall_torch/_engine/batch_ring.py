@@ -272,10 +272,13 @@ class RingBatch(InlineDict):
             # or user code replaced the image: send it the usual way. A slot whose image was
             # replaced stays taken for good, since the replacement may still view its memory.
             meta = {key: value for key, value in self.items() if key != "image"}
-            if lease is not None and lease.sent:
+            if lease is not None and lease.sent:  # nothing of this copy may view the slot
                 if isinstance(image, torch.Tensor):
                     image = image.clone()
-                meta.update({k: p.clone() for k, (_, p) in lease.planes.items() if meta.get(k) is p})
+                meta = {
+                    k: v.clone() if isinstance(v, torch.Tensor) and _in_slot(v, lease) else v
+                    for k, v in meta.items()
+                }
             return _rebuild_plain, (image, _inline(meta))
         lease.sent = True
         # Planes still in the slot travel as references too; any other value the usual way.

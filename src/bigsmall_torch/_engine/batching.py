@@ -54,6 +54,20 @@ def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
         ) from exc
 
 
+def _plane(value: Any) -> bool:
+    """Whether a sample's info value travels in the batch's slot: a CPU tensor of at least one
+    dimension that numpy can hold (no bfloat16, no autograd); anything else is collated."""
+    if not isinstance(value, torch.Tensor) or value.ndim < 1 or value.device.type != "cpu":
+        return False
+    if value.requires_grad:
+        return False
+    try:
+        value[:0].numpy()
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
 class BatchBuilder:
     """Collects up to ``batch_size`` small chunks into one batch dict.
 
@@ -82,7 +96,7 @@ class BatchBuilder:
             planes = {
                 key: ((self.batch_size, *value.shape), value.dtype)
                 for key, value in small.info.items()
-                if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.device.type == "cpu"
+                if _plane(value)
             }
             self._images, self._planes, self._lease = acquire_images(
                 (self.batch_size, *chw.shape), _torch_dtype(chw.dtype), planes

@@ -133,7 +133,10 @@ def slide_thumbnail(
 
 
 def _read_source(
-    source: AnnotationSource, dimensions: tuple[int, int], where: str
+    source: AnnotationSource,
+    dimensions: tuple[int, int],
+    where: str,
+    classes: Sequence[str] | None = None,
 ) -> Annotations | ClassRegions:
     """``source`` as :class:`Annotations` or :class:`ClassRegions`; a label mask's ``downsample``
     defaults to the slide's level-0 size over the mask's."""
@@ -144,7 +147,9 @@ def _read_source(
             f"{where}: annotations must be Annotations, ClassRegions, a Record or the path of an "
             f"annotation file, got {type(source).__name__}"
         )
-    return read_record(source, dimensions)
+    # A label mask without its own "labels": value k + 1 is classes[k], as the loaders read it.
+    labels = None if classes is None else {name: k + 1 for k, name in enumerate(classes)}
+    return read_record(source, dimensions, labels=labels)
 
 
 def _rgb(value: Any) -> bool:
@@ -173,7 +178,9 @@ def _annotation_layers(
     :class:`Annotations` class is the union of its regions; a :class:`ClassRegions` class its
     disjoint region. ``where`` names the caller in messages.
     """
-    source = _read_source(annotations, dimensions, where)
+    if classes is not None and (isinstance(classes, str) or not isinstance(classes, Sequence)):
+        raise ConfigError(f"{where}: classes must be a sequence of class names, got {classes!r}")
+    source = _read_source(annotations, dimensions, where, classes)
     available = tuple(source.classes)
     if classes is None:
         chosen = available

@@ -413,6 +413,11 @@ class ChunkInfoCollector(SmallChunkCollector):
     def patch_size(self) -> tuple[int, int] | None:
         return self.collector.patch_size
 
+    @property
+    def needs_labels(self) -> bool:
+        """The wrapped collector's (so the dataset's construction check sees it)."""
+        return bool(getattr(self.collector, "needs_labels", False))
+
     def extract_smallchunk(
         self, call_count: int, bigchunk: BigChunk, ctx: ChunkContext
     ) -> SmallChunk | None:
