@@ -410,3 +410,14 @@ def test_bad_option_types_are_config_errors(
         dataset(slide_folder, 1), 256, min_tissue=np.float32(0.25)
     )
     assert numpy_scalar.min_tissue == 0.25
+
+
+def test_blocks_start_on_tile_edges() -> None:
+    """Windows per block are chosen so a block spans whole tiles (no tile decoded by two blocks)."""
+    from bigsmall_torch.inference.sliding import _aligned
+
+    assert _aligned(9, 224, 256, 100) == 8  # 8 x 224 = 1792 = 7 tiles of 256
+    assert _aligned(4, 128, 256, 100) == 4  # already whole tiles
+    assert _aligned(3, 96, 256, 100) == 3  # no aligned count keeps half the block: unchanged
+    assert _aligned(9, 224, 256, 9) == 9  # one block spans the row anyway
+    assert _aligned(9, 224, 0, 100) == 9  # untiled or resampled: unchanged

@@ -190,10 +190,22 @@ class _Writer:
         self.started: dict[Any, float] = {}
         self.results: dict[Any, SlideExtraction] = {}
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=8)
+        self.free: queue.Queue[torch.Tensor] = queue.Queue()  # pinned buffers the writer is done with
         self.error: BaseException | None = None
         self.width: int | None = None  # D, once a batch arrived
         self.thread = threading.Thread(target=self._run, name="bigsmall-feature-writer", daemon=True)
         self.thread.start()
+
+    def pinned(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A pinned host buffer for one batch's features: one the writer has finished with, else a
+        new one (at most as many as batches in flight; pinning memory is slow, so they are reused)."""
+        try:
+            while True:
+                buffer = self.free.get_nowait()
+                if buffer.shape == shape and buffer.dtype == dtype:
+                    return buffer
+        except queue.Empty:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
 
     def put(self, item: Any) -> None:
         if self.error is not None:
@@ -241,6 +253,8 @@ class _Writer:
             if self.received[pid] == self.expected[pid]:
                 self._write(pid)
             start = stop
+        if event is not None:  # its rows are copied: the pinned buffer can take another batch
+            self.free.put(features)
 
     def _write(self, pid: Any) -> None:
         h5py = _h5py()
@@ -308,7 +322,7 @@ def extract_features(
     overwrite: bool = False,
     record_key: str = "wsi",
     block_size: int = 2048,
-    decode_threads: int = 2,
+    decode_threads: int | None = None,
     pretrained: bool = True,
     model_name: str | None = None,
     progress: bool = True,
@@ -331,7 +345,8 @@ def extract_features(
         tissue_only, min_tissue, tissue_detector: only windows on tissue (default); with
             ``tissue_only=False`` every window of the grid gets a row.
         batch_size, num_workers, block_size, decode_threads: reading (``num_workers`` default:
-            up to 4, fewer on smaller machines).
+            up to 4, fewer on smaller machines; ``decode_threads`` default: the cores per worker,
+            1 or 2, so that workers do not oversubscribe the cores).
         device: where the model runs (default: CUDA when available, else the CPU).
         preprocess: applied on the device to each uint8 batch before the model (None: unchanged).
         dtype: ``"float16"`` (default) or ``"float32"``: how features are stored.
@@ -363,6 +378,8 @@ def extract_features(
         num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"extract_features: num_workers must be an int >= 0, got {num_workers!r}")
+    if decode_threads is None:
+        decode_threads = min(2, max(1, (os.cpu_count() or 1) // max(1, num_workers)))
     where = _default_device() if device is None else torch.device(device)
     if isinstance(model, str):
         name = model
@@ -462,7 +479,7 @@ def _run(
                 images = batch["image"].to(device, non_blocking=True)
                 features = _apply(model, preprocess, images, amp).to(getattr(torch, storage.value))
                 if cuda:
-                    host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+                    host = writer.pinned(features.shape, features.dtype)
                     host.copy_(features, non_blocking=True)
                     event = torch.cuda.Event()
                     event.record()

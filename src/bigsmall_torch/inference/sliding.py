@@ -108,6 +108,7 @@ class Grid:
     ys: np.ndarray = field(repr=False)
     include: np.ndarray = field(repr=False)
     targets: np.ndarray | None = field(default=None, repr=False)
+    tile_size: tuple[int, int] | None = None  # of the level read as it is (None: resampled/untiled)
 
     @property
     def rows(self) -> int:
@@ -153,6 +154,18 @@ def _halves(cells: np.ndarray, lo: int, hi: int) -> tuple[tuple[int, int], tuple
     if len(bounds):
         mid = int(bounds[np.argmin(np.abs(bounds - mid))])
     return (lo, mid), (mid, hi)
+
+
+def _aligned(count: int, stride: int, tile: int, total: int) -> int:
+    """Windows per block along one axis: the most, up to ``count``, whose span of strides is a
+    whole number of tiles (blocks then start on tile edges and no tile is decoded by two blocks),
+    when that keeps at least half of ``count``; else ``count`` (also when one block spans all
+    ``total`` windows). 224-pixel windows on 256-pixel tiles: 8 per block (7 tiles) rather than 9
+    (7.9 tiles: about 23% more tiles decoded)."""
+    if tile <= 0 or count >= total:
+        return count
+    best = next((n for n in range(count, 0, -1) if n * stride % tile == 0), 0)
+    return best if best * 2 >= count else count
 
 
 @dataclass(frozen=True)
@@ -350,13 +363,15 @@ class SlidingWindowDataset(StreamingDataset):
                     include[r, c] = (
                         mask.fraction_in(x * ds, y * ds, pw * ds, ph * ds) >= self.min_tissue
                     )
+        tile = None if choice.resampled else reader.info.tile_size
         return Grid(patient.id, str(reader.info.path), choice, (pw, ph), (sx, sy),
-                    (width, height), xs, ys, include, targets)  # fmt: skip
+                    (width, height), xs, ys, include, targets, tile)  # fmt: skip
 
     def _slide_blocks(self, slide: int, grid: Grid) -> list[_Block]:
         (pw, ph), (sx, sy) = grid.patch_size, grid.stride
-        per_col = max(1, (self.block_size - pw) // sx + 1)
-        per_row = max(1, (self.block_size - ph) // sy + 1)
+        tile = grid.tile_size or (0, 0)
+        per_col = _aligned(max(1, (self.block_size - pw) // sx + 1), sx, tile[0], grid.cols)
+        per_row = _aligned(max(1, (self.block_size - ph) // sy + 1), sy, tile[1], grid.rows)
         blocks = []
         for r0 in range(0, grid.rows, per_row):
             for c0 in range(0, grid.cols, per_col):
