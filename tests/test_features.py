@@ -181,6 +181,16 @@ def test_bad_arguments(cohort: tuple[Path, bst.Dataset], tmp_path: Path) -> None
         bst.extract_features(slides, Means(), tmp_path, level=0, mpp=0.5)
 
 
+def test_integer_patient_ids(cohort: tuple[Path, bst.Dataset], tmp_path: Path) -> None:
+    _, slides = cohort
+    numbered = bst.Dataset("numbered", [bst.Patient(i, p.records) for i, p in enumerate(slides.patients)])
+    summary = bst.extract_features(numbered, Means(), tmp_path, patch_size=128, level=1, tissue_only=False,
+                                   num_workers=1, batch_size=7, progress=False)  # fmt: skip
+    assert [(s.patient_id, s.status) for s in summary.slides] == [(0, "written"), (1, "written"), (2, "written")]
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["0.h5", "1.h5", "2.h5"]
+    assert len(bst.FeatureBagDataset(tmp_path, numbered)) == 3
+
+
 def test_deal_by_size_balances_ranks() -> None:
     sizes = [100, 90, 10, 10, 10, 80, 5]
     owners = deal_by_size(sizes, 2)

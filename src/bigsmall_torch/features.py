@@ -485,7 +485,9 @@ def _run(
                     event.record()
                 else:
                     host, event = features.detach().clone(), None
-                writer.put((host, event, list(batch["patient_id"]), batch["row"].numpy(), batch["col"].numpy()))
+                ids = batch["patient_id"]  # a list of str ids, or a tensor of int ids
+                ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+                writer.put((host, event, ids, batch["row"].numpy(), batch["col"].numpy()))
                 if bar is not None:
                     bar.update(len(images))
     finally:
