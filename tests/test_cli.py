@@ -142,7 +142,7 @@ def test_benchmark_options_reach_only_benchmarks_that_accept_them(
 ) -> None:
     monkeypatch.syspath_prepend(str(REPO))
     module = importlib.import_module(f"benchmarks.{name}")
-    if name in ("bench_core", "bench_annotations"):  # the benchmarks with a profile mode
+    if name in ("bench_core", "bench_annotations", "bench_features"):  # with a profile mode
         assert module.parse_args(["--profile", "--quick"]).profile is True
         return
     with pytest.raises(SystemExit) as exit_info:
