@@ -376,8 +376,12 @@ RESUME = [
     if not (case == "lightdl" and on_error == "skip")
 ] + [
     pytest.param(case, "w2-fork", on_error, True, id=f"{case}-w2-fork-{on_error}-annotated")
-    for case, on_error in (("bigsmall", "skip"), ("bigsmall-batched", "raise"),
-                           ("sliding", "raise"), ("sliding-batched", "skip"))  # fmt: skip
+    for case, on_error in (
+        ("bigsmall", "skip"),
+        ("bigsmall-batched", "raise"),
+        ("sliding", "raise"),
+        ("sliding-batched", "skip"),
+    )
 ]
 
 
