@@ -264,6 +264,25 @@ def _patients(path: Path) -> bst.Dataset:
     return bst.Dataset("features", [bst.Patient(path.stem, {"wsi": bst.Record(path)})])
 
 
+def _extract(
+    path: Path,
+    model: Any,
+    out_dir: Any,
+    args: argparse.Namespace,
+    *,
+    num_workers: int,
+    **options: Any,
+) -> bst.ExtractionSummary:
+    """``extract_features`` over every level-0 window of the slide at ``path`` (the grid of every
+    row of this benchmark), replacing what ``out_dir`` holds; ``options`` add to or override."""
+    settings: dict[str, Any] = dict(
+        patch_size=PATCH, level=0, tissue_only=False, batch_size=args.batch_size,
+        num_workers=num_workers, device="cpu", progress=False, overwrite=True,
+    )  # fmt: skip
+    settings.update(options)
+    return bst.extract_features(_patients(path), model, out_dir, **settings)
+
+
 def run_ours(
     path: Path,
     model: torch.nn.Module,
@@ -276,20 +295,8 @@ def run_ours(
     import h5py
 
     cpu, start = _cpu(), time.perf_counter()
-    summary = bst.extract_features(
-        _patients(path),
-        model,
-        out_dir,
-        patch_size=PATCH,
-        level=0,
-        tissue_only=False,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        device="cpu",
-        preprocess=preprocess,
-        progress=False,
-        overwrite=True,
-        **options,
+    summary = _extract(
+        path, model, out_dir, args, num_workers=args.workers, preprocess=preprocess, **options
     )
     seconds, cpu = time.perf_counter() - start, _cpu() - cpu
     (slide,) = summary.slides
@@ -756,20 +763,7 @@ def _profile_run(path: Path, args: argparse.Namespace, label: str, **options: An
     stages = _Stages()
     with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp, stages.patched():
         start = time.perf_counter()
-        summary = bst.extract_features(
-            _patients(path),
-            ChannelMeans(),
-            tmp,
-            patch_size=PATCH,
-            level=0,
-            tissue_only=False,
-            batch_size=args.batch_size,
-            num_workers=0,
-            device="cpu",
-            progress=False,
-            overwrite=True,
-            **options,
-        )
+        summary = _extract(path, ChannelMeans(), tmp, args, num_workers=0, **options)
         wall = time.perf_counter() - start
     windows = summary.slides[0].windows
     crop = stages.total("_crop")
@@ -827,19 +821,7 @@ def _loop_run(path: Path, args: argparse.Namespace) -> LoopTiming:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp, stages.patched():
             t0, c0, start = os.times(), time.process_time(), time.perf_counter()
-            summary = bst.extract_features(
-                _patients(path),
-                ChannelMeans(),
-                tmp,
-                patch_size=PATCH,
-                level=0,
-                tissue_only=False,
-                batch_size=args.batch_size,
-                num_workers=args.workers,
-                device="cpu",
-                progress=False,
-                overwrite=True,
-            )
+            summary = _extract(path, ChannelMeans(), tmp, args, num_workers=args.workers)
             wall, main_cpu, t1 = time.perf_counter() - start, time.process_time() - c0, os.times()
     finally:
         feat.DataLoader = original  # type: ignore[misc]
@@ -916,19 +898,7 @@ def _cprofile(path: Path, args: argparse.Namespace, top: int = 18) -> str:
     profiler = cProfile.Profile()
     with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp:
         profiler.enable()
-        bst.extract_features(
-            _patients(path),
-            ChannelMeans(),
-            tmp,
-            patch_size=PATCH,
-            level=0,
-            tissue_only=False,
-            batch_size=args.batch_size,
-            num_workers=0,
-            device="cpu",
-            progress=False,
-            overwrite=True,
-        )
+        _extract(path, ChannelMeans(), tmp, args, num_workers=0)
         profiler.disable()
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
@@ -1062,21 +1032,10 @@ def gpu(args: argparse.Namespace, device: torch.device | None = None) -> str:
 
     def end_to_end(out: Path) -> float:
         start = time.perf_counter()
-        summary = bst.extract_features(
-            _patients(path),
-            model,
-            out,
-            patch_size=PATCH,
-            level=0,
-            tissue_only=False,
-            batch_size=args.batch_size,
-            num_workers=args.gpu_workers,
-            device=device,
-            preprocess=preprocess,
-            autocast=True,
-            progress=False,
-            overwrite=True,
-        )
+        summary = _extract(
+            path, model, out, args, num_workers=args.gpu_workers, device=device,
+            preprocess=preprocess, autocast=True,
+        )  # fmt: skip
         seconds = time.perf_counter() - start
         if summary.slides[0].windows != windows:
             raise RuntimeError(f"expected {windows} windows, got {summary.slides[0].windows}")

@@ -108,6 +108,7 @@ class ClassRegions:
         self._triangles: OrderedDict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._edge_arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._areas: dict[tuple[Any, ...], float] = {}
+        self._cuts: dict[tuple[int, int, float], list[float]] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # the tree and the caches are rebuilt
         return {"classes": self.classes, "geometries": self.geometries, "source": self.source}
@@ -133,8 +134,8 @@ class ClassRegions:
     def cuts(self, count: int, axis: int, length: float) -> list[float]:
         """Level-0 positions ``0 = c_0 < ... < c_count = length`` along ``axis`` (0: x, 1: y) that
         cut the regions of all classes into ``count`` strips of equal area (cached)."""
-        key = ("cuts", count, axis, length)
-        if key not in self._areas:
+        key = (count, axis, length)
+        if key not in self._cuts:
             shapely = _shapely()
             union, total = self._union, self._union.area
             big = 1e18  # the other axis: everything
@@ -151,8 +152,8 @@ class ClassRegions:
                     lo, hi = (mid, hi) if area_before(mid) < total * k / count else (lo, mid)
                 cuts.append(hi)
             cuts.append(float(length))
-            self._areas[key] = cuts  # type: ignore[assignment]
-        return self._areas[key]  # type: ignore[return-value]
+            self._cuts[key] = cuts
+        return self._cuts[key]
 
     def sample(
         self, k: int, rng: np.random.Generator, box: tuple[float, float, float, float] | None = None

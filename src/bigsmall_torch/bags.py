@@ -72,7 +72,8 @@ class FeatureBagDataset(TorchDataset[dict[str, Any]]):
                 f"in {self.out_dir} ({', '.join(map(repr, self.missing[:5]))}{', ...' if len(self.missing) > 5 else ''}); "
                 "run extract_features, or pass missing='skip'"
             )
-        self.items = [(p, path) for p, path in found if p.id not in set(self.missing)]
+        absent = set(self.missing)
+        self.items = [(p, path) for p, path in found if p.id not in absent]
 
     def set_epoch(self, epoch: int) -> None:
         """Draw other instances in epoch ``epoch`` (with ``max_instances``)."""

@@ -84,8 +84,8 @@ def _h5py() -> Any:
 
 
 def feature_path(out_dir: str | os.PathLike[str], patient_id: Any) -> Path:
-    """Where the bag of ``patient_id`` lives: ``<out_dir>/<patient_id>.h5`` (``/`` in ids kept as
-    sub-folders are not: ids are used as file names, with ``os.sep`` replaced by ``__``)."""
+    """Where the bag of ``patient_id`` lives: ``<out_dir>/<patient_id>.h5``. Ids are file names, not
+    paths: a path separator in an id (e.g. from ``from_folder(recursive=True)``) becomes ``__``."""
     name = str(patient_id).replace(os.sep, "__")
     if os.altsep:
         name = name.replace(os.altsep, "__")
