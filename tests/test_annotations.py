@@ -644,3 +644,41 @@ def test_info_tensors_numpy_cannot_hold_are_collated(painted: dict[str, Path]) -
     batches = list(DataLoader(ds, batch_size=None, num_workers=1))
     assert [b["embedding"].shape for b in batches] == [(8, 4), (8, 4)]
     assert all(b["embedding"].dtype == torch.bfloat16 for b in batches)
+
+
+@pytest.mark.parametrize("share", ["common", "rare"])
+def test_focus_centres_are_uniform_over_the_class(share: str) -> None:
+    """A patch centred on a class: every centre of the class that fits is drawn equally often,
+    whether the draw is kept by rejection (a common class) or taken from the chunk's list of the
+    class's centres (a rare class, after the rejection draws miss), and the same random numbers are
+    drawn with and without that list cached (a resumed chunk comes back without it)."""
+    labels = np.zeros((40, 40), dtype=np.uint8)
+    if share == "common":
+        labels[:, :20] = 1  # half the chunk
+    else:
+        labels[[10, 20, 31], [12, 25, 8]] = 1
+    patient = bst.Patient("p", {"wsi": bst.Record("p.svs")})
+    chunk = bst.BigChunk(np.zeros((40, 40, 3), np.uint8), {"focus": 0, "classes": ["T"]}, patient, labels)
+    collector = bst.RandomCropCollector(8, masks=True)
+    draws = 20000
+    ctx = bst.ChunkContext(rng=np.random.default_rng(0), state={}, slides=None)  # type: ignore[arg-type]
+    counts: dict[tuple[int, int], int] = {}
+    for _ in range(draws):
+        small = collector.extract_smallchunk(0, chunk, ctx)
+        assert small is not None and small.info["target"] == 0
+        key = (small.info["x"], small.info["y"])
+        counts[key] = counts.get(key, 0) + 1
+    centres = np.argwhere(labels[4:37, 4:37] == 1)  # (row, col) of centres of patches that fit
+    assert set(counts) == {(int(c), int(r)) for r, c in centres}
+    expected = draws / len(centres)
+    assert max(abs(n - expected) for n in counts.values()) < 5 * expected**0.5 + 1
+    # The cache does not change the random numbers drawn.
+    fresh = bst.BigChunk(chunk.data, chunk.info, patient, labels)
+    a, b = np.random.default_rng(1), np.random.default_rng(1)
+    for _ in range(50):
+        got = [
+            collector.extract_smallchunk(0, c, bst.ChunkContext(rng=r, state={}, slides=None))  # type: ignore[arg-type]
+            for c, r in ((chunk, a), (fresh, b))
+        ]
+        assert (got[0].info["x"], got[0].info["y"]) == (got[1].info["x"], got[1].info["y"])  # type: ignore[union-attr]
+        fresh.cache.clear()

@@ -21,11 +21,6 @@ from .errors import ConfigError, MissingDependencyError
 
 __all__ = ["ClassRegions", "mask_geometry"]
 
-#: Up to this many spans a raster is filled span by span (about 1 us each), else by one cumulative
-#: sum over its pixels (about 2.5 ns a pixel).
-_LOOP_SPANS = 8192
-
-
 def _shapely() -> Any:
     """shapely (2.1 or later), or a :class:`MissingDependencyError` naming the extra."""
     try:
@@ -227,8 +222,8 @@ class ClassRegions:
         A scan-line fill of the regions' outlines in level-0 coordinates: the crossing of an edge with
         a row of centres does not depend on where the window starts, so a patch cut from a chunk's
         raster equals the patch's own raster even where a centre lies exactly on an edge. Its cost
-        grows with the vertices of the regions the window meets and with its rows, plus (only past
-        a few thousand spans) one pass over its pixels."""
+        grows with the vertices of the regions the window meets and with its rows, plus one write
+        of its pixels."""
         _shapely()
         out = np.zeros((height, width), dtype=np.uint8)
         if len(self._parts) == 0 or width <= 0 or height <= 0:
@@ -265,17 +260,16 @@ class ClassRegions:
         row, value = rows[0::2], value[0::2].astype(np.uint8)
         keep = stop > start
         row, start, stop, value = row[keep], start[keep], stop[keep], value[keep]
-        if len(row) <= _LOOP_SPANS:  # a slice fill per span: cheaper than a pass over the pixels
-            for r, a, b, v in zip(row.tolist(), start.tolist(), stop.tolist(), value.tolist(), strict=True):
-                out[r, a:b] = v
-            return out
-        # Spans are disjoint, so starts (and stops) never repeat: a difference array, summed per
-        # row in uint8 (wrapping arithmetic is exact because every true sum is a label).
-        diff = np.zeros((height, width + 1), dtype=np.uint8)
-        diff[row, start] += value
-        diff[row, stop] -= value
-        np.cumsum(diff[:, :width], axis=1, dtype=np.uint8, out=out)
-        return out
+        # Spans are disjoint (the parts are), so in raster order they and the gaps between them are
+        # runs of one value each: one np.repeat writes the whole raster.
+        first = row * width + start
+        order = np.argsort(first, kind="stable")
+        bounds = np.empty(2 * len(order) + 2, dtype=np.int64)
+        bounds[0], bounds[-1] = 0, height * width
+        bounds[1:-1:2], bounds[2:-1:2] = first[order], (row * width + stop)[order]
+        runs = np.zeros(2 * len(order) + 1, dtype=np.uint8)
+        runs[1::2] = value[order]
+        return np.repeat(runs, np.diff(bounds)).reshape(height, width)
 
     def _edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every edge of every part's rings, level-0: ``(ax, ay, bx, by, part index)`` (built once)."""

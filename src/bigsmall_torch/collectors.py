@@ -30,6 +30,11 @@ class LabelRule(str, Enum):
     AREA = "area"
 
 
+# Rejection draws of an annotated patch's centre before the chunk's list of the class's centres is
+# built (a chunk centred on a class is mostly of it, so the list is rarely needed).
+_FOCUS_TRIES = 8
+
+
 class RandomCropCollector(SmallChunkCollector):
     """Uniformly random ``patch_size`` crops of a big chunk (with replacement).
 
@@ -182,22 +187,34 @@ class RandomCropCollector(SmallChunkCollector):
 
     def _on_focus(self, bigchunk: BigChunk, focus: int, ctx: ChunkContext) -> tuple[int, int] | None:
         """Top-left of a patch whose centre pixel is drawn uniformly from the chunk's pixels of class
-        ``focus`` (those whose patch fits in the chunk); None when there are none."""
+        ``focus`` (those whose patch fits in the chunk); None when there are none.
+
+        A few draws of uniform top-lefts are tried first, and the first whose centre is of the
+        class is kept (rejection sampling: uniform over the class's centres); when they all miss,
+        one draw from the list of the chunk's centres of the class (uniform too). The list, whose
+        building scans the whole chunk, is built only for chunks where the class is rare and then
+        cached on the chunk; the random numbers drawn do not depend on that cache, so a resumed
+        stream (whose chunks come back without it) draws as the original did.
+        """
         w, h = self._patch_size
-        key = ("focus", w, h)
-        cells = bigchunk.cache.get(key)
         labels = bigchunk.labels
         assert labels is not None
         height, width = labels.shape
+        span, rows = width - w + 1, height - h + 1
+        for _ in range(_FOCUS_TRIES):
+            cx, cy = int(ctx.rng.integers(span)), int(ctx.rng.integers(rows))
+            if labels[cy + h // 2, cx + w // 2] == focus + 1:
+                return cx, cy
+        key = ("focus", w, h)
+        cells = bigchunk.cache.get(key)
         if cells is None:
             # Centres (w // 2 + cx, h // 2 + cy) for every top-left (cx, cy) that fits.
-            centres = labels[h // 2 : height - h + h // 2 + 1, w // 2 : width - w + w // 2 + 1]
+            centres = labels[h // 2 : h // 2 + rows, w // 2 : w // 2 + span]
             cells = np.flatnonzero(centres == focus + 1)
             bigchunk.cache[key] = cells
         if len(cells) == 0:
             return None
         cell = int(cells[ctx.rng.integers(len(cells))])
-        span = width - w + 1
         return cell % span, cell // span
 
     def _tissue(self, bigchunk: BigChunk, ctx: ChunkContext, cx: int, cy: int) -> float:
