@@ -54,6 +54,27 @@ def add_scaled_options(
         parser.add_argument(flag, type=int, help=f"{text} (default {full}; --quick {quick})")
 
 
+def add_stream_options(parser: argparse.ArgumentParser, *, decode_threads: int, slides_dir: Path) -> None:
+    """The options of a benchmark that streams synthetic slides: ``--size``, ``--slides``,
+    ``--workers``, ``--batch-size``, ``--seed``, ``--decode-threads``, ``--slides-dir`` and
+    ``--json``."""
+    parser.add_argument("--size", type=int, default=8192, help="slide width and height (default 8192)")
+    parser.add_argument("--slides", type=int, default=2, help="number of slides (default 2)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every row (default 0)")
+    parser.add_argument(
+        "--decode-threads", type=int, default=decode_threads,
+        help=f"JPEG decode threads per worker (default {decode_threads})",
+    )  # fmt: skip
+    shown = slides_dir.relative_to(REPO_ROOT) if slides_dir.is_relative_to(REPO_ROOT) else slides_dir
+    parser.add_argument(
+        "--slides-dir", type=Path, default=slides_dir,
+        help=f"where the slides are cached (default <repo>/{shown})",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
+
+
 def resolve_scaled(
     parser: argparse.ArgumentParser,
     args: argparse.Namespace,

@@ -66,6 +66,7 @@ try:
         REPO_ROOT,
         LoaderTiming,
         add_scaled_options,
+        add_stream_options,
         make_parser,
         markdown_table,
         resolve_scaled,
@@ -78,6 +79,7 @@ except ImportError:  # run as a script: python benchmarks/bench_annotations.py
         REPO_ROOT,
         LoaderTiming,
         add_scaled_options,
+        add_stream_options,
         make_parser,
         markdown_table,
         resolve_scaled,
@@ -564,27 +566,13 @@ _SCALED = {
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = make_parser(__file__, __doc__)
     add_scaled_options(parser, _SCALED, "smoke run: fewer batches, one round (about 20 s)")
-    parser.add_argument(
-        "--size", type=int, default=8192, help="slide width and height (default 8192)"
+    add_stream_options(
+        parser, decode_threads=DECODE_THREADS, slides_dir=REPO_ROOT / ".cache" / "bench-slides" / "annotations"
     )
-    parser.add_argument("--slides", type=int, default=2, help="number of slides (default 2)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every row (default 0)")
-    parser.add_argument(
-        "--decode-threads", type=int, default=DECODE_THREADS,
-        help=f"JPEG decode threads per worker (default {DECODE_THREADS})",
-    )  # fmt: skip
-    parser.add_argument(
-        "--slides-dir", type=Path, default=REPO_ROOT / ".cache" / "bench-slides" / "annotations",
-        help="where the slides and their GeoJSON are cached (default "
-        "<repo>/.cache/bench-slides/annotations)",
-    )  # fmt: skip
     parser.add_argument(
         "--profile", action="store_true",
         help="instead of the table: where the time goes, with num_workers=0 and cProfile",
     )  # fmt: skip
-    parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
     resolve_scaled(parser, args, _SCALED, ["slides", "workers", "batch_size", "seed", "decode_threads"])
     if args.size < 2 * CHUNK or args.size % 256:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._engine.reports import EpochReport, WorkerReport
 from ._engine.reservoir import OnError, Reservoir, ReservoirStats
 from ._engine.sharding import Topology
+from ._paths import RemotePath
 from ._version import __version__
 from .annotations import AnnotationKind, Annotations, ClassRegions, read_annotations, write_geojson
 from .bags import FeatureBagDataset, read_bag
@@ -25,6 +26,7 @@ from .errors import (
     ExtractorError,
     MissingDependencyError,
     MissingWindowsError,
+    RemoteError,
     SlideError,
     SlideOpenError,
     SlideReadError,
@@ -43,6 +45,7 @@ from .features import (
 )
 from .inference.sliding import Edge, Grid, SlidingWindowDataset
 from .inference.stitching import Stitcher, StitchMode, StitchResult
+from .io.remote import RemoteOptions, remote_stats
 from .io.resolution import LevelChoice, Resolution
 from .io.slide import Backend, SlideCache, SlideInfo, SlideReader, open_slide, slide_info
 from .io.tissue import TissueDetector, TissueMask, render_tissue, tissue_mask
@@ -91,6 +94,9 @@ __all__ = [
     "RandomCropCollector",
     "RandomRegionLoader",
     "Record",
+    "RemoteError",
+    "RemoteOptions",
+    "RemotePath",
     "Reservoir",
     "ReservoirStats",
     "Resolution",
@@ -123,6 +129,7 @@ __all__ = [
     "WorkerReport",
     "open_slide",
     "read_annotations",
+    "remote_stats",
     "render_sampling",
     "render_tissue",
     "slide_info",

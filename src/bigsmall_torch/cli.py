@@ -145,7 +145,7 @@ def _tissue_score_model() -> Any:
     return TissueScore().eval()
 
 
-def _describe(path: Path, args: argparse.Namespace) -> list[str]:
+def _describe(path: str, args: argparse.Namespace) -> list[str]:
     """The lines ``inspect`` prints about one slide; raises whatever reading it raises."""
     import bigsmall_torch as bst
 
@@ -338,7 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser(
         "inspect", help="print levels, mpp, vendor, tile size, tissue of slides"
     )
-    inspect.add_argument("slides", nargs="+", type=Path, help="slide files")
+    inspect.add_argument(
+        "slides", nargs="+", type=str,
+        help="slide files or URLs (s3://, gs://, https://, ...; credentials from the store's "
+        "standard configuration, e.g. the AWS_* variables)",
+    )  # fmt: skip
     inspect.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide"])
     inspect.add_argument("--no-tissue", action="store_true", help="skip the tissue fraction")
     inspect.set_defaults(run=run_inspect)

@@ -17,11 +17,15 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._paths import RemotePath, as_path, is_url
 from .errors import ConfigError, DatasetError
+
+if TYPE_CHECKING:
+    from .io.remote import RemoteOptions
 
 __all__ = ["Dataset", "Patient", "Record"]
 
@@ -35,11 +39,13 @@ class Record:
     """One file of a patient, usually a whole-slide image.
 
     Args:
-        path: the file's path.
+        path: the file's path, or its URL (``s3://``, ``gs://``, ``az://``, ``https://``, ...:
+            a :class:`~bigsmall_torch.RemotePath`, read with its
+            :class:`~bigsmall_torch.RemoteOptions`).
         info: free-form metadata kept with the record.
     """
 
-    path: Path
+    path: Path | RemotePath
     info: Mapping[str, Any] = field(default_factory=dict)
 
     def __init__(self, path: str | os.PathLike[str], info: Mapping[str, Any] | None = None) -> None:
@@ -51,8 +57,32 @@ class Record:
             raise ConfigError("Record: path must not be empty (got '')")
         if info is not None and not isinstance(info, Mapping):
             raise ConfigError(f"Record: info must be a mapping or None, got {type(info).__name__}")
-        object.__setattr__(self, "path", Path(path))
+        object.__setattr__(self, "path", as_path(path))
         object.__setattr__(self, "info", dict(info) if info is not None else {})
+
+
+def _remote_options(
+    where: str, storage_options: Mapping[str, Any] | None, remote: RemoteOptions | None
+) -> RemoteOptions | None:
+    """``remote``, or options made of ``storage_options``, or None (refusing both at once)."""
+    if storage_options is None:
+        return remote
+    if remote is not None:
+        raise ConfigError(f"{where}: give storage_options or remote (which holds them), not both")
+    from .io.remote import RemoteOptions
+
+    return RemoteOptions(storage_options=storage_options)
+
+
+def _with_remote(patient: Patient, remote: RemoteOptions) -> Patient:
+    """``patient`` with its URL records read with ``remote`` (local records as they are)."""
+    if not any(isinstance(r.path, RemotePath) for r in patient.records.values()):
+        return patient
+    records = {
+        key: Record(as_path(r.path, remote), r.info) if isinstance(r.path, RemotePath) else r
+        for key, r in patient.records.items()
+    }
+    return Patient(patient.id, records, patient.label, patient.info)
 
 
 @dataclass(frozen=True)
@@ -110,11 +140,26 @@ class Dataset:
     Args:
         name: a name for the dataset.
         patients: the patients, in a stable order.
+        storage_options: options for fsspec (credentials, endpoint) of every record that is a URL;
+            without them each store's standard configuration applies (for S3 the ``AWS_*``
+            variables, ``AWS_ENDPOINT_URL`` included, and profiles).
+        remote: instead of ``storage_options``, all of how URLs are read
+            (:class:`~bigsmall_torch.RemoteOptions`: credentials, a local disk cache, retries).
     """
 
-    def __init__(self, name: str, patients: Iterable[Patient]) -> None:
+    def __init__(
+        self,
+        name: str,
+        patients: Iterable[Patient],
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        remote: RemoteOptions | None = None,
+    ) -> None:
         self.name = str(name)
         self.patients: list[Patient] = list(patients)
+        options = _remote_options(f"Dataset {name!r}", storage_options, remote)
+        if options is not None:
+            self.patients = [_with_remote(p, options) if isinstance(p, Patient) else p for p in self.patients]
         seen: set[int | str] = set()
         duplicates: list[int | str] = []
         for patient in self.patients:
@@ -137,8 +182,15 @@ class Dataset:
         record_key: str = "wsi",
         recursive: bool = False,
         name: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        remote: RemoteOptions | None = None,
     ) -> Dataset:
         """One patient per file matching ``pattern`` under ``root``.
+
+        ``root`` may be a prefix in object storage (``"s3://bucket/cohort"``, ``gs://``,
+        ``az://``): its objects are listed like a folder's files (ids relative to the prefix, as
+        for local folders), and read with ``storage_options`` (or ``remote``). Web servers
+        (``https://``) have no listing: use :meth:`from_csv` with a URL per row.
 
         Files are sorted by their path relative to ``root``; patient ids are those relative paths
         without the suffix (stable across machines and runs).
@@ -165,6 +217,11 @@ class Dataset:
             )
         if not isinstance(pattern, str) or not pattern:
             raise ConfigError(f"Dataset.from_folder: pattern must be a non-empty str, got {pattern!r}")
+        options = _remote_options("Dataset.from_folder", storage_options, remote)
+        if is_url(root):
+            return cls._from_prefix(
+                as_path(root, options), pattern=pattern, record_key=record_key, recursive=recursive, name=name  # type: ignore[arg-type]
+            )
         folder = Path(root)
         if not folder.exists():
             raise DatasetError(f"Dataset.from_folder: root {str(folder)!r} does not exist")
@@ -192,6 +249,36 @@ class Dataset:
         return cls(name if name is not None else folder.resolve().name, patients)
 
     @classmethod
+    def _from_prefix(
+        cls, root: RemotePath, *, pattern: str, record_key: str, recursive: bool, name: str | None
+    ) -> Dataset:
+        """:meth:`from_folder` of a prefix in object storage."""
+        from .errors import RemoteError
+        from .io.remote import list_objects
+
+        try:
+            objects = list_objects(root, pattern, recursive=recursive)
+        except RemoteError as exc:
+            raise DatasetError(f"Dataset.from_folder: cannot list {root.url!r}: {exc.reason}") from exc
+        if not objects:
+            raise DatasetError(
+                f"Dataset.from_folder: no object matches pattern {pattern!r} under {root.url!r}"
+                f"{' (recursive)' if recursive else ''}"
+            )
+        ids: list[str] = []
+        for path in objects:
+            relative = path.relative_to(root)
+            ids.append(str(relative.with_suffix("")) if relative.suffix else str(relative))
+        clashes = [i for i, n in Counter(ids).items() if n > 1]
+        if clashes:
+            raise DatasetError(
+                f"Dataset.from_folder: objects under {root.url!r} share a patient id (ids are paths "
+                f"without the suffix): {clashes}; narrow pattern={pattern!r}"
+            )
+        patients = [Patient(i, {record_key: Record(path)}) for i, path in zip(ids, objects, strict=True)]
+        return cls(name if name is not None else root.name, patients)
+
+    @classmethod
     def from_csv(
         cls,
         path: str | os.PathLike[str],
@@ -203,11 +290,14 @@ class Dataset:
         name: str | None = None,
         check_files: bool = True,
         mpp_column: str | None = "mpp",
+        storage_options: Mapping[str, Any] | None = None,
+        remote: RemoteOptions | None = None,
     ) -> Dataset:
         """One patient per row of a CSV manifest (UTF-8, with a header row).
 
         Each of ``record_columns`` holds a file path, relative paths being resolved against ``root``
-        (default: the CSV's folder, made absolute); an empty cell means the patient has no such
+        (default: the CSV's folder, made absolute), or a URL (``s3://...``, ``https://...``, read
+        with ``storage_options`` or ``remote``; ``root`` may be a URL prefix too); an empty cell means the patient has no such
         record, but every patient needs at least one. ``label_column`` may be absent from the file
         (labels are then None); an empty label cell gives None. Every other column is kept, as a
         string, in ``patient.info``. Ids (and labels) become ints when every one is an int written
@@ -299,15 +389,17 @@ class Dataset:
         mpps: list[float | None] = [None] * len(table)
         if mpp_column is not None and mpp_column in header:
             mpps = _mpp_cells(where, mpp_column, table)
-        base = (Path(root) if root is not None else csv_path.parent).absolute()
+        options = _remote_options("Dataset.from_csv", storage_options, remote)
+        base = as_path(root, options) if root is not None else csv_path.parent
+        base = base.absolute()
         info_columns = [c for c in header if c and c not in (id_column, label_column, *columns)]
         patients, missing_files = [], []
         for patient_id, label, mpp, (line, cells) in zip(ids, labels, mpps, table, strict=True):
             records = {}
             for column in columns:
                 if cells[column]:
-                    given = Path(cells[column])
-                    file = given if given.is_absolute() else base / given
+                    given = as_path(cells[column], options)
+                    file = given if isinstance(given, RemotePath) or given.is_absolute() else base / given
                     records[column] = Record(file, None if mpp is None else {"mpp": mpp})
                     if check_files and not file.exists():
                         missing_files.append(

@@ -19,12 +19,16 @@ from ._engine.messages import MessageBoard
 from ._engine.reservoir import OnError, Reservoir
 from ._engine.sharding import Topology, assign_shards, split_evenly
 from ._engine.streaming import Live, StreamingDataset
+from ._paths import RemotePath
 from ._validate import choice, positive_int
 from .chunks import BigChunkLoader, SmallChunkCollector
 from .data import Dataset
 from .errors import ConfigError, SlideError
 from .io.slide import Backend, SlideCache
 from .schedulers import LabelBalancedScheduler, LeastVisitedScheduler, Scheduler
+
+_PREFETCH = 2  # big chunks loaded ahead per worker
+_REMOTE_PREFETCH = 4  # ... when a slide is read over the network
 
 __all__ = ["BigSmallDataset", "Sharding", "available_memory"]
 
@@ -100,7 +104,9 @@ class BigSmallDataset(StreamingDataset):
         transform: applied in the worker to each sample's ``image`` (a CHW uint8 tensor); in batched
             mode to the batch's ``image`` (``[n, C, H, W]``).
         seed: every random draw derives from (seed, epoch, rank, worker).
-        prefetch: big chunks each worker loads ahead in its background thread.
+        prefetch: big chunks each worker loads ahead in its background thread. None: 2, or 4 when
+            a record is a URL (a slide in object storage or on a web server), so that the requests'
+            latency and its spikes stay hidden behind the chunks already loaded.
         on_error: ``"raise"`` (default) or ``"skip"``: what to do with a slide that cannot be used.
             At construction (``validate``) every slide is checked: ``"skip"`` leaves the bad ones
             out (:attr:`skipped`, one warning), ``"raise"`` raises one error naming them all.
@@ -150,7 +156,7 @@ class BigSmallDataset(StreamingDataset):
         samples_per_epoch: int | None = None,
         transform: Callable[[torch.Tensor], Any] | None = None,
         seed: int = 0,
-        prefetch: int = 2,
+        prefetch: int | None = None,
         on_error: str | OnError = "raise",
         backend: str | Backend = "auto",
         max_open_slides: int = 16,
@@ -180,6 +186,11 @@ class BigSmallDataset(StreamingDataset):
         self.samples_per_epoch = (
             None if samples_per_epoch is None else positive_int("samples_per_epoch", samples_per_epoch)
         )
+        if prefetch is None:
+            remote = any(
+                isinstance(r.path, RemotePath) for p in getattr(dataset, "patients", ()) for r in p.records.values()
+            )
+            prefetch = _REMOTE_PREFETCH if remote else _PREFETCH
         self.prefetch = positive_int("prefetch", prefetch)
         if scheduler is not None and not isinstance(scheduler, Scheduler):
             raise ConfigError(f"scheduler must be a bigsmall_torch.Scheduler, got {type(scheduler).__name__}")

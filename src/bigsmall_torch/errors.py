@@ -7,9 +7,13 @@ the package's errors in one place. Errors about arguments also derive from :clas
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._paths import RemotePath
 
 __all__ = [
     "AnnotationError",
@@ -19,6 +23,7 @@ __all__ = [
     "ExtractorError",
     "MissingDependencyError",
     "MissingWindowsError",
+    "RemoteError",
     "SlideError",
     "SlideOpenError",
     "SlideReadError",
@@ -87,13 +92,15 @@ class SlideError(BigSmallError):
     whole message), and pickling keeps ``path`` and ``reason``.
     """
 
-    def __init__(self, path: str | Path | None, reason: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None, reason: str | None = None) -> None:
         if reason is None:  # one argument: a whole message (torch's worker re-raise)
-            self.path: Path | None = None
+            self.path: Path | RemotePath | None = None
             self.reason = str(path)
             super().__init__(self.reason)
             return
-        self.path = None if path is None else Path(path)
+        from ._paths import as_path  # a URL stays a URL
+
+        self.path = None if path is None else as_path(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
@@ -101,7 +108,7 @@ class SlideError(BigSmallError):
         return (_rebuild, (type(self), self.path, self.reason, self.__dict__.copy()))
 
 
-def _rebuild(cls: type[SlideError], path: Path | None, reason: str, state: dict[str, Any]) -> SlideError:
+def _rebuild(cls: type[SlideError], path: Path | RemotePath | None, reason: str, state: dict[str, Any]) -> SlideError:
     error = cls.__new__(cls)
     BigSmallError.__init__(error, reason if path is None else f"{path}: {reason}")
     error.__dict__.update(state)
@@ -112,7 +119,7 @@ class SlideOpenError(SlideError, OSError):
     """A slide file cannot be opened by any backend tried."""
 
     def __init__(
-        self, path: str | Path | None, reason: str | None = None, *, backends: Sequence[str] = ()
+        self, path: str | os.PathLike[str] | None, reason: str | None = None, *, backends: Sequence[str] = ()
     ) -> None:
         self.backends = tuple(backends)
         if self.backends and reason is not None:
@@ -122,6 +129,25 @@ class SlideOpenError(SlideError, OSError):
 
 class SlideReadError(SlideError, OSError):
     """Reading a region of an opened slide failed."""
+
+
+class RemoteError(SlideReadError):
+    """A request for a remote object (``s3://``, ``https://``, ...) kept failing: the message
+    names the URL, what was asked and the HTTP status. ``status`` is that status (an int), or
+    ``"timeout"`` / ``"connection reset"``, or None for other failures; ``attempts`` counts the
+    tries. A :class:`SlideError`, so ``on_error="skip"`` leaves the slide's patient out."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None,
+        reason: str | None = None,
+        *,
+        status: int | str | None = None,
+        attempts: int = 1,
+    ) -> None:
+        self.status = status
+        self.attempts = attempts
+        super().__init__(path, reason)
 
 
 class AnnotationError(SlideError, ValueError):

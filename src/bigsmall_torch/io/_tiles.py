@@ -51,6 +51,8 @@ from ..errors import ConfigError, SlideReadError
 if TYPE_CHECKING:
     import tifffile
 
+    from .remote import RangeSource
+
 __all__ = ["TileDecoder", "check_jpeg"]
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class TileDecoder:
         threads: int = 4,
         strict: bool = True,
         fd: int | None = None,
+        source: RangeSource | None = None,
     ) -> None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"TileDecoder: threads must be an int >= 1, got {threads!r}")
@@ -131,6 +134,9 @@ class TileDecoder:
         # descriptor the offsets were read through, so tiles come from the same file even if the
         # path is replaced meanwhile) or opened by path on first use (after fork or unpickling).
         self._fd: int | None = fd
+        # A remote object's bytes (:class:`~bigsmall_torch.io.remote.RangeSource`): a region's
+        # tiles are fetched together, concurrently, before they are decoded.
+        self._source = source
         self._pool: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
         self._closed = False
@@ -145,15 +151,17 @@ class TileDecoder:
         threads: int = 4,
         level: int | None = None,
         strict: bool = True,
+        source: RangeSource | None = None,
     ) -> TileDecoder | None:
         """A decoder for a tiled, 8-bit, 3-sample (RGB or YCbCr) JPEG or JPEG 2000 (TIFF
         compression 33003, 33004, 33005, 34712) page of ``tif``; None when the page is not eligible
         (not tiled, other compression, other sample layout) so callers fall back to
         ``read_region``. ``path`` defaults to the file of ``tif``; ``level`` (for messages) to the
-        page's position among the levels of ``tif``'s first series."""
+        page's position among the levels of ``tif``'s first series. ``source`` reads the bytes of
+        a remote ``tif`` (then ``path`` is its URL)."""
         jpeg2000 = page.compression in _JPEG2000
         eligible = (
-            hasattr(os, "pread")
+            (source is not None or hasattr(os, "pread"))
             and page.is_tiled
             and (page.compression == _JPEG or jpeg2000)
             and page.photometric in (_RGB, _YCBCR)
@@ -191,7 +199,8 @@ class TileDecoder:
             nodata=fill,
             threads=threads,
             strict=strict,
-            fd=_duplicate(tif),
+            fd=None if source is not None else _duplicate(tif),
+            source=source,
         )
 
     def read(self, x: int, y: int, width: int, height: int, *, planar: bool = False) -> np.ndarray:
@@ -217,9 +226,12 @@ class TileDecoder:
         else:
             out = np.empty((height, width, 3), dtype=np.uint8)
         tasks = self._plan(x, y, width, height, out)
+        fetched: list[bytes] | None = None
+        if self._source is not None and tasks:
+            fetched = self._fetch(tasks)
         if pool is None or len(tasks) < 2:
-            for task in tasks:
-                self._run(fd, task, x, y, out)
+            for i, task in enumerate(tasks):
+                self._run(fd, task, x, y, out, None if fetched is None else fetched[i])
             return out
         # The caller and threads - 1 pool workers take tasks from one counter until none is left:
         # balanced to the last task, and no future per task.
@@ -229,7 +241,7 @@ class TileDecoder:
         def work() -> None:
             while not errors and (i := next(counter)) < len(tasks):
                 try:
-                    self._run(fd, tasks[i], x, y, out)
+                    self._run(fd, tasks[i], x, y, out, None if fetched is None else fetched[i])
                 except BaseException as exc:
                     errors.append(exc)
 
@@ -249,7 +261,7 @@ class TileDecoder:
             self._pool = self._fd = None
         if owned and pool is not None:
             pool.shutdown(wait=True)
-        if owned and fd is not None:
+        if owned and fd is not None and fd >= 0:
             os.close(fd)
 
     def __enter__(self) -> TileDecoder:
@@ -270,13 +282,26 @@ class TileDecoder:
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _fetch(self, tasks: list[_Task]) -> list[bytes]:
+        """The bytes of every task of a remote object, fetched together (see :class:`RangeSource`)."""
+        assert self._source is not None
+        try:
+            return self._source.fetch([(offset, count) for offset, count, _ in tasks])
+        except SlideReadError:
+            raise
+        except OSError as exc:  # the disk cache
+            raise SlideReadError(self.path, f"cannot read the tiles of level {self.level}: {exc}") from exc
+
     def _resources(self) -> tuple[int, ThreadPoolExecutor | None]:
-        """This process's file descriptor and (when ``threads > 1``) thread pool, made lazily."""
+        """This process's file descriptor (-1 for a remote object) and (when ``threads > 1``)
+        thread pool, made lazily."""
         with self._lock:
             if self._closed:
                 raise SlideReadError(self.path, f"the tile decoder of level {self.level} is closed")
             if self._pid != os.getpid():  # inherited through fork: the pool's threads are gone
                 self._fd, self._pool, self._pid = None, None, os.getpid()
+            if self._source is not None:
+                self._fd = -1
             if self._fd is None:
                 try:
                     self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -355,13 +380,17 @@ class TileDecoder:
             check_jpeg(data, self._prefix)
         return tile
 
-    def _run(self, fd: int, task: _Task, x: int, y: int, out: np.ndarray) -> None:
-        """Read one task's bytes, decode its tiles and copy their parts of the region into ``out``."""
+    def _run(
+        self, fd: int, task: _Task, x: int, y: int, out: np.ndarray, data: bytes | None = None
+    ) -> None:
+        """Read one task's bytes (unless given), decode its tiles and copy their parts of the
+        region into ``out``."""
         offset, count, tiles = task
         tw, th = self.tile_width, self.tile_height
         height, width = out.shape[:2]
         try:
-            data = os.pread(fd, count, offset)
+            if data is None:
+                data = os.pread(fd, count, offset)
         except OSError as exc:
             col, row = tiles[0][:2]
             raise SlideReadError(
@@ -453,7 +482,15 @@ def check_page_tiles(
     planes = int(page.samplesperpixel) if page.planarconfig == 2 else 1
     tables = page.jpegtables[:-2] if page.jpegtables else b""
     offsets, counts = page.dataoffsets, page.databytecounts
-    with open(path, "rb") as f:
+    from .._paths import RemotePath
+
+    if isinstance(path, RemotePath):
+        from .remote import RemoteFile
+
+        handle: Any = RemoteFile(path)
+    else:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below
+    with handle as f:
         for row in range(y // th, (y + height - 1) // th + 1):
             for col in range(x // tw, (x + width - 1) // tw + 1):
                 for plane in range(planes):
@@ -466,7 +503,7 @@ def check_page_tiles(
                         check_jpeg(data, tables)
                     except Exception as exc:
                         raise SlideReadError(
-                            Path(path),
+                            path,
                             f"corrupt JPEG tile (col, row) = ({col}, {row}) of level {level} at "
                             f"file offset {offsets[index]}: {exc}",
                         ) from exc

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..errors import ConfigError, SlideOpenError, SlideReadError
+from .._paths import RemotePath, as_path
+from ..errors import ConfigError, RemoteError, SlideOpenError, SlideReadError
 from ._tiles import TileDecoder, check_page_tiles
 
 if TYPE_CHECKING:
     from ._image import ImageReader
+    from .remote import RemoteOptions
 
 __all__ = [
     "Backend",
@@ -56,7 +58,7 @@ class Backend(str, Enum):
 class SlideInfo:
     """Metadata of one slide, gathered in one place (picklable, no open handle)."""
 
-    path: Path
+    path: Path | RemotePath
     backend: str
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
@@ -220,7 +222,16 @@ class _TiffSlideReader(_ReaderBase):
         self._decode_threads = decode_threads
         self._strict = strict
         self._decoders: dict[int, TileDecoder | None] = {}
-        self._slide = tiffslide.TiffSlide(path)
+        self._slide: Any
+        self._source: Any = None
+        if isinstance(path, RemotePath):  # headers through a block-cached file, tiles by ranges
+            from .remote import RangeSource, RemoteFile
+
+            handle = RemoteFile(path)
+            self._source = RangeSource(path, handle.info)
+            self._slide = tiffslide.TiffSlide(handle)
+        else:
+            self._slide = tiffslide.TiffSlide(path)
         try:
             tile = _check_tiff_levels(self._slide.ts_tifffile, path)
         except Exception:
@@ -245,7 +256,7 @@ class _TiffSlideReader(_ReaderBase):
             page = tif.series[0].levels[level].keyframe
             self._decoders[level] = TileDecoder.for_level(
                 tif, page, path=self.info.path, threads=self._decode_threads, level=level,
-                strict=self._strict,
+                strict=self._strict, source=self._source,
             )
         return self._decoders[level]
 
@@ -301,6 +312,12 @@ class _OpenSlideReader(_ReaderBase):
     ) -> None:
         import openslide
 
+        if isinstance(path, RemotePath):
+            raise SlideOpenError(
+                path,
+                "openslide cannot read URLs (it reads local files only); use backend='tiffslide' "
+                "or 'auto' (tiled TIFF and SVS slides are read from the store directly)",
+            )
         self._slide = openslide.OpenSlide(path)
         if cache_bytes is not None and hasattr(self._slide, "set_cache"):
             self._slide.set_cache(_openslide_cache(cache_bytes))
@@ -359,8 +376,17 @@ def open_slide(
     openslide_cache_bytes: int | None = None,
     decode_threads: int = 1,
     strict: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    remote: RemoteOptions | None = None,
 ) -> SlideReader:
     """Open a slide with ``backend`` (``"auto"`` tries tiffslide, then openslide, then ``"image"``).
+
+    ``path`` may be a URL (``s3://``, ``gs://``, ``az://``, ``https://``, any protocol fsspec
+    reads with its package installed): tiled TIFF and SVS slides are then read from the store,
+    the tiles of a region fetched together (see :mod:`bigsmall_torch.io.remote`), with
+    ``remote`` (:class:`~bigsmall_torch.RemoteOptions`: credentials, disk cache, retries) or
+    just ``storage_options`` (passed to fsspec). openslide and the ``"image"`` backend read local
+    files only.
 
     With tiffslide, levels whose tiles are 8-bit RGB/YCbCr JPEG or JPEG 2000 (TIFF compression
     33003, 33004, 33005, 34712) are read by decoding the tiles of
@@ -385,18 +411,36 @@ def open_slide(
             message names the file, every backend tried and why each refused.
     """
     chosen = _check_backend(backend)
-    file = Path(path)
-    if not file.exists():
-        raise SlideOpenError(file, "no such file")
-    if file.is_dir():
-        raise SlideOpenError(file, "is a folder, not a slide file")
-    if file.stat().st_size == 0:
-        raise SlideOpenError(file, "the file is empty")
-    order = [Backend.TIFFSLIDE, Backend.OPENSLIDE, Backend.IMAGE] if chosen is Backend.AUTO else [chosen]
+    if storage_options is not None:
+        if remote is not None:
+            raise ConfigError("open_slide: give storage_options or remote (which holds them), not both")
+        from .remote import RemoteOptions
+
+        remote = RemoteOptions(storage_options=storage_options)
+    file = as_path(path, remote)
+    if isinstance(file, RemotePath):
+        _check_object(file)
+        if chosen in (Backend.OPENSLIDE, Backend.IMAGE):
+            raise SlideOpenError(
+                file,
+                f"the {chosen.value!r} backend reads local files only, not URLs; use "
+                "backend='tiffslide' or 'auto' (tiled TIFF and SVS slides are read from the store)",
+            )
+        order = [Backend.TIFFSLIDE]
+    else:
+        if not file.exists():
+            raise SlideOpenError(file, "no such file")
+        if file.is_dir():
+            raise SlideOpenError(file, "is a folder, not a slide file")
+        if file.stat().st_size == 0:
+            raise SlideOpenError(file, "the file is empty")
+        order = [Backend.TIFFSLIDE, Backend.OPENSLIDE, Backend.IMAGE] if chosen is Backend.AUTO else [chosen]
     reasons: list[str] = []
     for candidate in order:
         try:
-            reader = _reader_class(candidate)(file, openslide_cache_bytes, decode_threads, bool(strict))
+            reader = _reader_class(candidate)(file, openslide_cache_bytes, decode_threads, bool(strict))  # type: ignore[arg-type]
+        except RemoteError as exc:  # the store failed, not the format: say so as it is
+            raise SlideOpenError(file, exc.reason, backends=[candidate.value]) from exc
         except Exception as exc:  # each backend refuses in its own exception types
             reasons.append(f"{candidate.value}: {exc}")
             continue
@@ -411,9 +455,32 @@ def open_slide(
     )
 
 
-def slide_info(path: str | os.PathLike[str], *, backend: str | Backend = "auto") -> SlideInfo:
-    """Open ``path``, return its :class:`SlideInfo`, and close it again."""
-    reader = open_slide(path, backend=backend)
+def _check_object(file: RemotePath) -> None:
+    """Refuse a URL that names no object, a prefix, or an empty object (the request retried as
+    :mod:`~bigsmall_torch.io.remote` says); :class:`SlideOpenError` naming the URL and status."""
+    try:
+        stat = file.stat()
+    except FileNotFoundError as exc:
+        cause = exc.__cause__
+        raise SlideOpenError(file, str(cause.reason if isinstance(cause, RemoteError) else "no such object")) from exc
+    except IsADirectoryError as exc:
+        raise SlideOpenError(file, "is a prefix (a folder), not an object") from exc
+    except RemoteError as exc:
+        raise SlideOpenError(file, exc.reason) from exc
+    if stat.st_size == 0:
+        raise SlideOpenError(file, "the object is empty")
+
+
+def slide_info(
+    path: str | os.PathLike[str],
+    *,
+    backend: str | Backend = "auto",
+    storage_options: dict[str, Any] | None = None,
+    remote: RemoteOptions | None = None,
+) -> SlideInfo:
+    """Open ``path`` (a file or a URL, see :func:`open_slide`), return its :class:`SlideInfo`,
+    and close it again."""
+    reader = open_slide(path, backend=backend, storage_options=storage_options, remote=remote)
     try:
         return reader.info
     finally:
@@ -487,8 +554,8 @@ class SlideCache:
         self.decode_threads = decode_threads
         self.strict = bool(strict)
         self.backend = _check_backend(backend)
-        self._open: OrderedDict[Path, SlideReader] = OrderedDict()
-        self._mpp_hints: dict[Path, float] = {}  # travels with a pickled cache: plain numbers
+        self._open: OrderedDict[Path | RemotePath, SlideReader] = OrderedDict()
+        self._mpp_hints: dict[Path | RemotePath, float] = {}  # travels with a pickled cache: plain numbers
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._users = 0
@@ -530,7 +597,7 @@ class SlideCache:
         slide later (after eviction) without one applies it again; a number > 0 or a string of
         one, else :class:`ConfigError` naming the path.
         """
-        key = Path(path)
+        key = as_path(path)
         hint = check_mpp_hint(mpp, key)
         with self._lock:
             self._own()  # inherited through fork: never share handles
@@ -557,7 +624,7 @@ class SlideCache:
             self._bound_decoded(key)
             return reader
 
-    def _bound_decoded(self, keep: Path) -> None:
+    def _bound_decoded(self, keep: Path | RemotePath) -> None:
         """Close the least recently used readers holding decoded pixels while their bytes add up
         to more than ``max_decoded_bytes`` (never ``keep``); call with the lock held."""
         sizes = {key: int(getattr(reader, "resident_bytes", 0)) for key, reader in self._open.items()}

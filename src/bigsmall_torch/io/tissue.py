@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .._paths import RemotePath
 from ..errors import ConfigError, MissingDependencyError, SlideError
 from .resolution import resample
 from .slide import SlideReader, open_slide
@@ -78,7 +79,7 @@ class TissueMask:
         threshold: the saturation threshold used.
     """
 
-    path: Path
+    path: Path | RemotePath
     mask: np.ndarray = field(repr=False)
     downsample: tuple[float, float]
     threshold: float

@@ -1,0 +1,774 @@
+"""Slides in object storage and on web servers, read through fsspec.
+
+Everything that touches a remote object goes through this module:
+
+* :func:`filesystem`: the fsspec filesystem of a protocol, with a timeout on every request and the
+  store's own retries switched off (retrying is done here, once, for every protocol);
+* :func:`call`: one request, retried with exponential backoff and jitter: throttling (HTTP 429,
+  503 and S3's ``SlowDown``), other 5xx, timeouts and connection resets up to
+  ``RemoteOptions.retries`` times, 403 and 404 once (a key rotated under a long run, an object
+  written a moment ago); then a :class:`~bigsmall_torch.RemoteError` naming the URL and the HTTP
+  status;
+* :class:`RemoteFile`: a seekable file over an object for tifffile's header parsing, reading
+  aligned blocks (``RemoteOptions.block_bytes``) kept in a per-process LRU, so that reopening a
+  slide costs no request;
+* :class:`RangeSource`: the byte ranges of a big chunk's tiles, adjacent ranges merged and all of
+  them fetched concurrently in one call (one round trip), for the tile-direct fast path;
+* :class:`DiskCache`: fetched ranges kept on local disk (``RemoteOptions.cache_dir``), bounded by
+  ``cache_bytes``, shared by the processes of a node.
+
+Credentials and endpoints come from each store's standard configuration (for S3 the ``AWS_*``
+variables, ``AWS_ENDPOINT_URL`` included, and profiles); ``RemoteOptions.storage_options`` is
+passed to fsspec as is (it wins over the defaults set here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import http.client
+import io
+import json
+import logging
+import os
+import random
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .._paths import RemotePath
+from ..errors import ConfigError, MissingDependencyError, RemoteError
+
+__all__ = [
+    "DiskCache",
+    "ObjectInfo",
+    "RangeSource",
+    "RemoteFile",
+    "RemoteOptions",
+    "call",
+    "filesystem",
+    "list_objects",
+    "object_info",
+    "remote_stats",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_CACHE_BLOCK = 16 * 1024  # the disk cache's unit: fetched ranges are rounded out to it
+_MEMORY_BLOCKS_BYTES = 64 << 20  # header blocks kept per process (all objects together)
+_MAX_GAP = 64 * 1024  # ranges this close are fetched in one request (the gap is read too)
+
+
+@dataclass(frozen=True, eq=False)
+class RemoteOptions:
+    """How remote slides (``s3://``, ``gs://``, ``az://``, ``https://``, ...) are read.
+
+    Args:
+        storage_options: passed to fsspec as is (``key``/``secret``/``endpoint_url`` for S3,
+            ``token`` for GCS, ``headers`` for HTTP, ...); without it each store's standard
+            configuration applies (for S3 the ``AWS_*`` environment variables and profiles).
+        cache_dir: keep every fetched byte range on local disk here, so that later epochs and
+            other processes of the node read it locally; None: no disk cache.
+        cache_bytes: bound of the disk cache; the least recently used slides are dropped past it.
+        retries: retries of a request failing with throttling (429, 503, ``SlowDown``), another
+            5xx, a timeout or a reset connection (403 and 404 are retried once).
+        backoff_s: the first retry's wait; each next one doubles it (with jitter), at most 20 s.
+        timeout_s: the limit of every request (connecting and reading).
+        block_bytes: the unit of header reads (tifffile's small reads are served from blocks).
+    """
+
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    cache_dir: str | os.PathLike[str] | None = None
+    cache_bytes: int = 50 << 30
+    retries: int = 3
+    backoff_s: float = 0.5
+    timeout_s: float = 60.0
+    block_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.storage_options, Mapping):
+            raise ConfigError(
+                f"RemoteOptions: storage_options must be a mapping (dict), got "
+                f"{type(self.storage_options).__name__}"
+            )
+        object.__setattr__(self, "storage_options", dict(self.storage_options))
+        if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, (str, os.PathLike)) or not os.fspath(self.cache_dir):
+                raise ConfigError(f"RemoteOptions: cache_dir must be a local folder path, got {self.cache_dir!r}")
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        for name, low in (("cache_bytes", 0), ("retries", 0), ("block_bytes", _CACHE_BLOCK)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"RemoteOptions: {name} must be an int >= {low}, got {value!r}")
+        if self.block_bytes % _CACHE_BLOCK:
+            raise ConfigError(
+                f"RemoteOptions: block_bytes must be a multiple of {_CACHE_BLOCK}, got {self.block_bytes}"
+            )
+        for name in ("backoff_s", "timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"RemoteOptions: {name} must be a number > 0, got {value!r}")
+
+    def _token(self) -> str:
+        """A stable text of the storage options (for per-process caches)."""
+        return json.dumps(self.storage_options, sort_keys=True, default=repr)
+
+    def __repr__(self) -> str:
+        shown = {k: ("***" if _secret(k) else v) for k, v in self.storage_options.items()}
+        return (
+            f"RemoteOptions(storage_options={shown!r}, cache_dir={self.cache_dir!r}, "
+            f"cache_bytes={self.cache_bytes}, retries={self.retries}, backoff_s={self.backoff_s}, "
+            f"timeout_s={self.timeout_s})"
+        )
+
+
+def _secret(key: str) -> bool:
+    return any(word in key.lower() for word in ("secret", "token", "password", "key", "credential"))
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.bytes = 0
+        self.retries = 0
+        self.cache_hits = 0
+
+    def add(self, requests: int = 0, nbytes: int = 0, retries: int = 0, hits: int = 0) -> None:
+        with self.lock:
+            self.requests += requests
+            self.bytes += nbytes
+            self.retries += retries
+            self.cache_hits += hits
+
+
+_STATS = _Stats()
+
+
+def remote_stats() -> dict[str, int]:
+    """This process's remote reads so far: ``requests`` (data requests sent, retries included),
+    ``bytes`` received, ``retries`` and ``cache_hits`` (ranges served by the disk cache)."""
+    with _STATS.lock:
+        return {
+            "requests": _STATS.requests,
+            "bytes": _STATS.bytes,
+            "retries": _STATS.retries,
+            "cache_hits": _STATS.cache_hits,
+        }
+
+
+# -- filesystems and requests ----------------------------------------------------------------------
+
+_EXTRA = "pip install 'bigsmall-torch[remote]'"
+
+
+def _defaults(protocol: str, timeout: float) -> dict[str, Any]:
+    """Options that put a timeout on every request and leave retrying to :func:`call`."""
+    if protocol in ("s3", "s3a"):
+        return {
+            "config_kwargs": {
+                "connect_timeout": timeout,
+                "read_timeout": timeout,
+                "retries": {"total_max_attempts": 1, "mode": "standard"},
+            }
+        }
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=timeout, connect=timeout)}}
+    return {}
+
+
+# Forked children (DataLoader workers) inherit fsspec's event loop object, and with it the epoll
+# instance the parent's loop waits on: the kernel object is shared, not copied. When anything in
+# the child closes an inherited connection (an fsspec instance's finalizer does, once the child's
+# first request clears fsspec's instance cache), the loop unregisters its socket from that shared
+# epoll, and the parent never sees the response to its next request on that connection: it
+# hangs until the timeout. So the child gives the inherited loop a selector of its own (removing
+# a socket from it touches nothing of the parent's) and keeps the inherited instances alive.
+_PARENT_LOOPS: list[Any] = []
+_INHERITED: list[Any] = []
+
+
+def _before_fork() -> None:
+    asyn = sys.modules.get("fsspec.asyn")
+    loop = getattr(asyn, "loop", [None])[0] if asyn is not None else None
+    _PARENT_LOOPS[:] = [loop] if loop is not None else []
+
+
+def _after_fork_in_child() -> None:
+    import selectors
+
+    for loop in _PARENT_LOOPS:
+        if hasattr(loop, "_selector"):
+            loop._selector = selectors.DefaultSelector()
+    _PARENT_LOOPS.clear()
+    fsspec = sys.modules.get("fsspec")
+    if fsspec is None:
+        return
+    pending, seen = [fsspec.AbstractFileSystem], set()
+    while pending:
+        cls = pending.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        pending.extend(cls.__subclasses__())
+        cache = cls.__dict__.get("_cache")
+        if isinstance(cache, dict):
+            _INHERITED.extend(cache.values())
+
+
+def _after_fork_in_parent() -> None:
+    _PARENT_LOOPS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork, after_in_child=_after_fork_in_child, after_in_parent=_after_fork_in_parent
+    )
+
+
+def filesystem(protocol: str, remote: RemoteOptions) -> Any:
+    """The fsspec filesystem for ``protocol`` with ``remote``'s options (fsspec caches instances
+    per process and per options, so connections are reused)."""
+    try:
+        import fsspec
+    except ImportError as exc:  # pragma: no cover - fsspec comes with tiffslide
+        raise MissingDependencyError(f"reading {protocol}:// URLs needs fsspec: {_EXTRA}") from exc
+    options = _defaults(protocol, remote.timeout_s)
+    for key, value in remote.storage_options.items():
+        if isinstance(value, Mapping) and isinstance(options.get(key), Mapping):
+            options[key] = {**options[key], **value}  # the user's keys win, ours stay otherwise
+        else:
+            options[key] = value
+    try:
+        fs = fsspec.filesystem(protocol, **options)
+    except ImportError as exc:
+        raise MissingDependencyError(f"reading {protocol}:// URLs: {exc} ({_EXTRA})") from exc
+    except ValueError as exc:  # an unknown protocol
+        raise ConfigError(f"cannot read {protocol}:// URLs: {exc}") from exc
+    if hasattr(fs, "retries") and protocol in ("s3", "s3a"):
+        fs.retries = 1  # s3fs's own retry loop: retrying is done once, in call()
+    return fs
+
+
+def _run(fs: Any, name: str, *args: Any, timeout: float, **kwargs: Any) -> Any:
+    """``fs.<name>(*args)``, bounded by ``timeout`` for async filesystems (the hard limit over the
+    client's own timeouts)."""
+    if getattr(fs, "async_impl", False) and hasattr(fs, "_" + name):
+        from fsspec.asyn import sync
+
+        return sync(fs.loop, getattr(fs, "_" + name), *args, timeout=timeout, **kwargs)
+    return getattr(fs, name)(*args, **kwargs)
+
+
+def _status(exc: BaseException) -> int | str | None:
+    """The HTTP status (or ``"timeout"`` / ``"connection reset"``) behind ``exc``; None for errors
+    that are not about the request (a bug, a bad argument).
+
+    The chain of causes is searched: what a response said (its status, S3's error code) or a
+    timeout or reset wins over what a wrapper's type suggests (fsspec's HTTP store raises
+    FileNotFoundError for a timed-out HEAD)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    generic: int | str | None = None
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        name = type(current).__name__
+        response = getattr(current, "response", None)
+        if isinstance(response, Mapping):  # botocore's ClientError
+            if response.get("Error", {}).get("Code") == "SlowDown":
+                return 503
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status:
+                return int(status)
+        for attribute in ("status", "status_code", "code"):  # aiohttp, requests, gcsfs / adlfs
+            status = getattr(current, attribute, None)
+            if isinstance(status, int) and not isinstance(status, bool) and 400 <= status < 600:
+                return status
+        if isinstance(current, (TimeoutError, asyncio.TimeoutError)) or name in _TIMEOUTS or (
+            isinstance(current, OSError) and current.errno == errno.ETIMEDOUT
+        ):
+            return "timeout"
+        if isinstance(current, (ConnectionError, http.client.IncompleteRead)) or name in _RESETS:
+            return "connection reset"
+        if generic is None:
+            if isinstance(current, FileNotFoundError):
+                generic = 404
+            elif isinstance(current, PermissionError):
+                generic = 403
+            elif "SlowDown" in str(current):
+                generic = 503
+        current = current.__cause__ or current.__context__
+    return generic
+
+
+_TIMEOUTS = frozenset(
+    {"FSTimeoutError", "ReadTimeoutError", "ConnectTimeoutError", "ServerTimeoutError", "ConnectionTimeoutError"}
+)
+_RESETS = frozenset({
+    "ServerDisconnectedError", "ClientConnectionError", "ClientOSError", "ClientPayloadError",
+    "EndpointConnectionError", "ConnectionClosedError", "IncompleteReadError", "ResponseStreamingError",
+})  # fmt: skip
+
+
+def call(what: str, path: RemotePath, fn: Callable[[], T]) -> T:
+    """``fn()``, retried as the module's notes say; :class:`~bigsmall_torch.RemoteError` naming
+    ``path``, ``what`` was done and the HTTP status when it keeps failing."""
+    remote = path.remote
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # each store raises its own types
+            status = _status(exc)
+            if status is None:
+                raise RemoteError(path, f"{what}: {type(exc).__name__}: {exc}", status=None, attempts=attempt + 1) from exc
+            limit = min(remote.retries, 1) if status in (403, 404) else remote.retries
+            if attempt >= limit:
+                label = f"HTTP {status}" if isinstance(status, int) else status
+                reason = _REASONS.get(status, "") if isinstance(status, int) else ""
+                raise RemoteError(
+                    path,
+                    f"{what} failed: {label}{f', {reason}' if reason else ''} after {attempt + 1} "
+                    f"attempt(s): {type(exc).__name__}: {_short(exc)}",
+                    status=status,
+                    attempts=attempt + 1,
+                ) from exc
+            wait = min(remote.backoff_s * 2**attempt, 20.0) * random.uniform(0.5, 1.0)
+            logger.info("%s: %s (%s); retry %d of %d in %.2f s", path, what, status, attempt + 1, limit, wait)
+            _STATS.add(retries=1)
+            time.sleep(wait)
+            attempt += 1
+
+
+_REASONS = {403: "access denied (check the credentials)", 404: "no such object"}
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# -- object metadata -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the package needs to know of an object: its size, a version tag (ETag, or the
+    modification time, or ""), its modification time (seconds, 0 when unknown), whether it is a
+    folder (a prefix)."""
+
+    size: int
+    version: str
+    mtime: float
+    is_dir: bool = False
+
+
+_INFO: OrderedDict[tuple[str, str], ObjectInfo] = OrderedDict()
+_INFO_LOCK = threading.Lock()
+_INFO_MAX = 100_000
+
+
+def _mtime(detail: Mapping[str, Any]) -> float:
+    value: Any = (
+        detail.get("LastModified") or detail.get("mtime") or detail.get("last_modified") or detail.get("updated")
+    )
+    if hasattr(value, "timestamp"):
+        return float(value.timestamp())
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        from datetime import datetime
+        from email.utils import parsedate_to_datetime
+
+        for parse in (datetime.fromisoformat, parsedate_to_datetime):
+            try:
+                return parse(value.replace("Z", "+00:00")).timestamp()
+            except (ValueError, TypeError):
+                continue
+    return 0.0
+
+
+def _info_of(detail: Mapping[str, Any]) -> ObjectInfo:
+    kind = detail.get("type", "file")
+    version = detail.get("ETag") or detail.get("etag") or detail.get("generation") or detail.get("md5Hash") or ""
+    mtime = _mtime(detail)
+    size = detail.get("size")
+    return ObjectInfo(
+        size=int(size) if size is not None else -1,
+        version=str(version).strip('"') or (str(mtime) if mtime else ""),
+        mtime=mtime,
+        is_dir=kind == "directory",
+    )
+
+
+def _remember(path: RemotePath, info: ObjectInfo) -> None:
+    with _INFO_LOCK:
+        _INFO[(path.url, path.remote._token())] = info
+        while len(_INFO) > _INFO_MAX:
+            _INFO.popitem(last=False)
+
+
+def object_info(path: RemotePath) -> ObjectInfo:
+    """The object's :class:`ObjectInfo` (one request the first time in a process, retried);
+    :class:`FileNotFoundError` when there is no such object (after the retry of a 404)."""
+    key = (path.url, path.remote._token())
+    with _INFO_LOCK:
+        info = _INFO.get(key)
+    if info is not None:
+        return info
+    fs = filesystem(path.protocol, path.remote)
+    try:
+        detail = call("reading the object's size", path, lambda: _run(fs, "info", path.url, timeout=path.remote.timeout_s))
+    except RemoteError as exc:
+        if exc.status == 404:
+            raise FileNotFoundError(errno.ENOENT, f"no such object ({exc.reason})", path.url) from exc
+        raise
+    info = _info_of(detail)
+    if info.size < 0 and not info.is_dir:
+        raise RemoteError(path, "the store did not tell the object's size", status=None, attempts=1)
+    _remember(path, info)
+    return info
+
+
+def list_objects(root: RemotePath, pattern: str, *, recursive: bool) -> list[RemotePath]:
+    """The objects under the prefix ``root`` whose name matches ``pattern`` (in ``root`` itself,
+    or at any depth with ``recursive``), sorted; their sizes are remembered (no request later)."""
+    import fnmatch
+
+    fs = filesystem(root.protocol, root.remote)
+    if root.protocol in ("http", "https"):
+        raise ConfigError(
+            f"Dataset.from_folder: {root.protocol}:// has no listing of objects; build the dataset "
+            "with Dataset.from_csv (a URL per row) or Record(url) instead"
+        )
+    base = fs._strip_protocol(root.url).rstrip("/")
+
+    def find() -> Any:
+        if recursive:
+            return _run(fs, "find", base, withdirs=False, detail=True, timeout=root.remote.timeout_s)
+        return {d["name"]: d for d in _run(fs, "ls", base, detail=True, timeout=root.remote.timeout_s)}
+
+    found = call("listing the objects", root, find)
+    out = []
+    for name, detail in sorted(found.items()):
+        if detail.get("type") == "directory":
+            continue
+        relative = name[len(base) :].lstrip("/") if name.startswith(base) else name.rsplit("/", 1)[-1]
+        if not fnmatch.fnmatchcase(relative.rsplit("/", 1)[-1], pattern):
+            continue
+        path = root / relative
+        _remember(path, _info_of(detail))
+        out.append(path)
+    return out
+
+
+# -- the disk cache ------------------------------------------------------------------------------------
+
+
+class DiskCache:
+    """Fetched byte ranges of remote objects on local disk, shared by the processes of a node.
+
+    Each object has a sparse data file (its bytes at their own offsets) and a map with one byte per
+    16 KiB block, set once the block's bytes are written. Writes of the same block by several
+    processes write the same bytes, so no lock is needed; a range is served from disk only when
+    every block it touches is marked. Past ``max_bytes`` (disk blocks actually used) the objects
+    least recently opened are removed whole; a process reading one keeps its open descriptors and
+    goes on (Linux keeps removed files until they are closed).
+    """
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._open: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # key -> (data, map, size)
+        self._since_check = 0
+        self._pid = os.getpid()
+
+    @staticmethod
+    def key(path: RemotePath, info: ObjectInfo) -> str:
+        text = f"{path.url}\n{info.size}\n{info.version}"
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def _files(self, key: str, size: int) -> tuple[int, int, int]:
+        with self._lock:
+            if self._pid != os.getpid():  # descriptors of a parent process
+                self._open.clear()
+                self._pid = os.getpid()
+            found = self._open.get(key)
+            if found is not None:
+                self._open.move_to_end(key)
+                return found
+            self.folder.mkdir(parents=True, exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+            data = os.open(self.folder / f"{key}.data", flags, 0o644)
+            marks = os.open(self.folder / f"{key}.map", flags, 0o644)
+            blocks = -(-size // _CACHE_BLOCK)
+            if os.fstat(data).st_size < size:
+                os.ftruncate(data, size)
+            if os.fstat(marks).st_size < blocks:
+                os.ftruncate(marks, blocks)
+            os.utime(self.folder / f"{key}.map")  # recently used
+            self._open[key] = (data, marks, size)
+            while len(self._open) > 64:
+                _, (d, m, _) = self._open.popitem(last=False)
+                os.close(d)
+                os.close(m)
+            return data, marks, size
+
+    def get(self, key: str, size: int, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` of the object when every block they touch is cached, else None."""
+        data, marks, _ = self._files(key, size)
+        first, last = start // _CACHE_BLOCK, (end - 1) // _CACHE_BLOCK
+        flags = os.pread(marks, last - first + 1, first)
+        if len(flags) != last - first + 1 or flags.count(0):
+            return None
+        out = os.pread(data, end - start, start)
+        return out if len(out) == end - start else None
+
+    def put(self, key: str, size: int, start: int, payload: bytes) -> None:
+        """Store ``payload`` (bytes from ``start``; ``start`` block-aligned, and the end too unless
+        it is the object's end) and mark its blocks."""
+        data, marks, _ = self._files(key, size)
+        end = start + len(payload)
+        assert start % _CACHE_BLOCK == 0 and (end % _CACHE_BLOCK == 0 or end == size)
+        os.pwrite(data, payload, start)
+        first, last = start // _CACHE_BLOCK, -(-end // _CACHE_BLOCK)
+        os.pwrite(marks, b"\x01" * (last - first), first)
+        self._since_check += len(payload)
+        if self._since_check > max(self.max_bytes // 50, 64 << 20):
+            self._since_check = 0
+            self.bound(keep=key)
+
+    def bound(self, keep: str | None = None) -> None:
+        """Remove the least recently opened objects while the cache uses more than ``max_bytes``."""
+        entries = []
+        total = 0
+        for entry in os.scandir(self.folder):
+            if not entry.name.endswith(".data"):
+                continue
+            key = entry.name[: -len(".data")]
+            try:
+                used = entry.stat().st_blocks * 512
+                marks = os.stat(self.folder / f"{key}.map")
+            except FileNotFoundError:
+                continue
+            total += used
+            entries.append((marks.st_mtime, key, used))
+        for _, key, used in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if key == keep:
+                continue
+            for suffix in (".map", ".data"):
+                with contextlib.suppress(FileNotFoundError):  # another process was first
+                    os.unlink(self.folder / f"{key}{suffix}")
+            total -= used
+            logger.info("disk cache %s: removed %s (%d MiB) to stay under %d MiB", self.folder, key, used >> 20, self.max_bytes >> 20)
+
+    def used_bytes(self) -> int:
+        """Disk bytes the cached objects use."""
+        if not self.folder.is_dir():
+            return 0
+        return sum(e.stat().st_blocks * 512 for e in os.scandir(self.folder) if e.name.endswith(".data"))
+
+
+_DISK: dict[tuple[str, int], DiskCache] = {}
+
+
+def disk_cache(remote: RemoteOptions) -> DiskCache | None:
+    """The process's :class:`DiskCache` of ``remote.cache_dir`` (None without one)."""
+    if remote.cache_dir is None:
+        return None
+    key = (os.fspath(remote.cache_dir), remote.cache_bytes)
+    cache = _DISK.get(key)
+    if cache is None:
+        cache = _DISK[key] = DiskCache(Path(remote.cache_dir), remote.cache_bytes)
+    return cache
+
+
+# -- fetching ranges -------------------------------------------------------------------------------------
+
+
+def _merge(ranges: Sequence[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    """Sorted ``[start, end)`` ranges merged where they overlap or lie within ``gap`` bytes."""
+    merged: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if merged and start - merged[-1][1] <= gap:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+class RangeSource:
+    """Byte ranges of one remote object: what the disk cache holds is read from it, the rest is
+    fetched with one request per merged range, all of them concurrently (async stores) in one call.
+    Picklable (the filesystem is looked up again in each process)."""
+
+    def __init__(self, path: RemotePath, info: ObjectInfo) -> None:
+        self.path = path
+        self.info = info
+
+    def fetch(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each ``(offset, count)`` of ``ranges``, in order."""
+        size = self.info.size
+        cache = disk_cache(self.path.remote)
+        key = DiskCache.key(self.path, self.info) if cache is not None else ""
+        spans = [(offset, min(offset + count, size)) for offset, count in ranges]
+        got: dict[tuple[int, int], bytes] = {}
+        if cache is not None:
+            for span in spans:
+                cached = cache.get(key, size, *span)
+                if cached is not None:
+                    got[span] = cached
+            if got:
+                _STATS.add(hits=len(got))
+        missing = [span for span in spans if span not in got]
+        if missing:
+            wanted = _merge(missing, _MAX_GAP)
+            if cache is not None:  # whole blocks, so that everything fetched can be kept
+                wanted = _merge(
+                    [(a // _CACHE_BLOCK * _CACHE_BLOCK, min(-(-b // _CACHE_BLOCK) * _CACHE_BLOCK, size)) for a, b in wanted],
+                    0,
+                )
+            blobs = self._get(wanted)
+            for (a, b), blob in zip(wanted, blobs, strict=True):
+                if cache is not None:
+                    cache.put(key, size, a, blob)
+                for span in missing:
+                    if a <= span[0] and span[1] <= b:
+                        got[span] = blob[span[0] - a : span[1] - a]
+        return [got[span] for span in spans]
+
+    def _get(self, wanted: Sequence[tuple[int, int]]) -> list[bytes]:
+        fs = filesystem(self.path.protocol, self.path.remote)
+        timeout = self.path.remote.timeout_s
+        url = self.path.url
+
+        def fetch() -> list[bytes]:
+            if len(wanted) == 1:
+                a, b = wanted[0]
+                blobs = [_run(fs, "cat_file", url, start=a, end=b, timeout=timeout)]
+            else:
+                blobs = _run(
+                    fs, "cat_ranges", [url] * len(wanted), [a for a, _ in wanted], [b for _, b in wanted],
+                    on_error="raise", timeout=timeout,
+                )  # fmt: skip
+            _STATS.add(requests=len(wanted), nbytes=sum(len(b) for b in blobs))
+            for (a, b), blob in zip(wanted, blobs, strict=True):
+                if len(blob) != b - a:
+                    raise http.client.IncompleteRead(blob, b - a - len(blob))
+            return blobs
+
+        return call(f"reading {len(wanted)} byte range(s)", self.path, fetch)
+
+
+# -- a file for tifffile -----------------------------------------------------------------------------------
+
+
+class _Blocks:
+    """Aligned blocks of objects, least recently used dropped past ``_MEMORY_BLOCKS_BYTES``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.blocks: OrderedDict[tuple[str, str, int, int, int], bytes] = OrderedDict()
+        self.total = 0
+
+    def get(self, key: tuple[str, str, int, int, int]) -> bytes | None:
+        with self.lock:
+            block = self.blocks.get(key)
+            if block is not None:
+                self.blocks.move_to_end(key)
+            return block
+
+    def put(self, key: tuple[str, str, int, int, int], block: bytes) -> None:
+        with self.lock:
+            if key not in self.blocks:
+                self.blocks[key] = block
+                self.total += len(block)
+            while self.total > _MEMORY_BLOCKS_BYTES and self.blocks:
+                _, dropped = self.blocks.popitem(last=False)
+                self.total -= len(dropped)
+
+
+_BLOCKS = _Blocks()
+
+
+class RemoteFile(io.RawIOBase):
+    """A read-only, seekable file over a remote object, for tifffile and tiffslide.
+
+    Reads are served from aligned blocks of ``block_bytes``, kept in a per-process LRU (and in the
+    disk cache when there is one), so the many small reads of TIFF header parsing cost a few
+    requests, and reopening the slide none."""
+
+    def __init__(self, path: RemotePath) -> None:
+        super().__init__()
+        self.path = path
+        self.info = object_info(path)
+        self.size = self.info.size
+        self.name = path.url
+        self._pos = 0
+        self._source = RangeSource(path, self.info)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self.size - self._pos))
+        if n:
+            view[:n] = self.pread(self._pos, n)
+            self._pos += n
+        return n
+
+    def pread(self, offset: int, count: int) -> bytes:
+        """``count`` bytes from ``offset`` (fewer at the object's end)."""
+        step = self.path.remote.block_bytes
+        end = min(offset + count, self.size)
+        if end <= offset:
+            return b""
+        first, last = offset // step, (end - 1) // step
+        token = (self.path.url, self.info.version, self.size, step)
+        blocks: dict[int, bytes] = {}
+        missing = []
+        for index in range(first, last + 1):
+            block = _BLOCKS.get((*token, index))
+            if block is None:
+                missing.append(index)
+            else:
+                blocks[index] = block
+        if missing:
+            spans = [(i * step, min((i + 1) * step, self.size) - i * step) for i in missing]
+            for index, block in zip(missing, self._source.fetch(spans), strict=True):
+                _BLOCKS.put((*token, index), block)
+                blocks[index] = block
+        joined = b"".join(blocks[i] for i in range(first, last + 1))
+        return joined[offset - first * step : end - first * step]
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("a remote object has no file descriptor")
