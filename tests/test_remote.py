@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tifffile
 import s3fs  # noqa: F401  (the [remote] extra: part of the test extras)
+import tifffile
 import torch
 from torch.utils.data import DataLoader
 
