@@ -101,7 +101,14 @@ def test_urls_stay_urls() -> None:
         bst.RemoteOptions(retries=-1)
     with pytest.raises(bst.ConfigError, match="timeout_s"):
         bst.RemoteOptions(timeout_s=0)
-    assert "***" in repr(bst.RemoteOptions(storage_options={"secret": "hush"}))
+    shown = repr(bst.RemoteOptions(storage_options={"secret": "hush", "client_kwargs": {"headers": {"Authorization": "Bearer t0k"}}}))
+    assert "hush" not in shown and "t0k" not in shown and "client_kwargs" in shown
+    signed = bst.RemotePath("https://h.org/a.svs?X-Amz-Signature=s1gn")
+    assert "s1gn" not in repr(signed) and "s1gn" not in str(bst.SlideReadError(signed, "broken"))
+    assert str(signed / "b.svs") == "https://h.org/a.svs/b.svs"  # a signature belongs to one object
+    assert sorted([bst.RemotePath("s3://b/k"), Path("/a")]) == [Path("/a"), bst.RemotePath("s3://b/k")]
+    with pytest.raises(bst.AnnotationError, match="local disk only"):
+        bst.read_annotations("s3://bkt/a.geojson")
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -285,9 +292,21 @@ def test_throttling_is_retried_with_backoff(moto: _servers.Moto, proxy: Any, loc
         assert "HTTP 503" in str(failed.value) and f"s3://{BUCKET}/set/deep/b.tiff" in str(failed.value)
         assert proxy.faults.count("GET", "b.tiff") == 4
         assert isinstance(failed.value, bst.SlideReadError)  # on_error="skip" covers it
+        proxy.faults.reset()
+        proxy.faults.fail("b.tiff", 400, times=100, code="InvalidRequest")  # refused again: no retry
+        with pytest.raises(bst.RemoteError) as refused:
+            reader.read(1024, 1024, 0, 256, 256)
+        assert refused.value.status == 400 and refused.value.attempts == 1
+        assert proxy.faults.count("GET", "b.tiff") == 1
     finally:
         reader.close()
         expected.close()
+
+
+def test_a_server_ignoring_range_is_refused_not_retried(web: Any) -> None:
+    with pytest.raises(bst.SlideOpenError, match="does not honour Range requests"):
+        bst.open_slide(f"{web.url}/a.tiff?norange", remote=bst.RemoteOptions(block_bytes=16 * 1024))
+    assert web.faults.count("GET", "norange") == 1  # the whole file once, not again per retry
 
 
 def test_every_request_has_a_timeout(web: Any) -> None:
@@ -343,4 +362,14 @@ def test_disk_cache_stays_under_its_bound(local: Path, web: Any, tmp_path: Path)
     cache = DiskCache(folder, max_bytes=10)
     assert cache.used_bytes() > 10
     cache.bound()
-    assert cache.used_bytes() == 0 and not list(folder.glob("*.map"))
+    assert cache.used_bytes() == 0 and not list(folder.glob("*.cache"))
+    # a process holding an object while it is removed starts over: never marks without bytes
+    other = DiskCache(folder, max_bytes=1 << 30)
+    block = bytes(range(256)) * 64  # one 16 KiB block
+    other.put("k", len(block) * 2, 0, block)
+    assert other.get("k", len(block) * 2, 0, len(block)) == block
+    cache.bound()  # removes "k" under the other process's descriptor
+    assert other.get("k", len(block) * 2, 0, len(block)) is None
+    other.put("k", len(block) * 2, len(block), block)
+    assert other.get("k", len(block) * 2, 0, 2 * len(block)) is None  # block 0 is gone with the file
+    assert other.get("k", len(block) * 2, len(block), 2 * len(block)) == block

@@ -113,7 +113,8 @@ class RemotePath(os.PathLike[str]):
         return RemotePath(f"{self.protocol}://{head or key}", self.remote)
 
     def __truediv__(self, other: str | os.PathLike[str]) -> RemotePath:
-        return RemotePath(f"{self.url}/{os.fspath(other).lstrip('/')}", self.remote)
+        base = self.url.split("?", 1)[0]  # a query (a signature) belongs to one object only
+        return RemotePath(f"{base}/{os.fspath(other).lstrip('/')}", self.remote)
 
     def relative_to(self, other: str | os.PathLike[str] | RemotePath) -> PurePosixPath:
         base = other.url if isinstance(other, RemotePath) else os.fspath(other)
@@ -128,6 +129,11 @@ class RemotePath(os.PathLike[str]):
     def as_posix(self) -> str:
         return self.url
 
+    @property
+    def display(self) -> str:
+        """The URL without its query, which may hold a signature or a token: what messages show."""
+        return self.url.split("?", 1)[0] + ("?..." if "?" in self.url else "")
+
     def resolve(self, strict: bool = False) -> RemotePath:
         return self
 
@@ -141,7 +147,7 @@ class RemotePath(os.PathLike[str]):
         return self.url
 
     def __repr__(self) -> str:
-        return f"RemotePath({self.url!r})"
+        return f"RemotePath({self.display!r})"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RemotePath) and other.url == self.url
@@ -153,6 +159,21 @@ class RemotePath(os.PathLike[str]):
         if not isinstance(other, (RemotePath, Path)):
             return NotImplemented
         return str(self) < str(other)
+
+    def __gt__(self, other: object) -> bool:  # also what ``Path < RemotePath`` falls back to
+        if not isinstance(other, (RemotePath, Path)):
+            return NotImplemented
+        return str(self) > str(other)
+
+    def __le__(self, other: object) -> bool:
+        if not isinstance(other, (RemotePath, Path)):
+            return NotImplemented
+        return str(self) <= str(other)
+
+    def __ge__(self, other: object) -> bool:
+        if not isinstance(other, (RemotePath, Path)):
+            return NotImplemented
+        return str(self) >= str(other)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (RemotePath, (self.url, self.remote))

@@ -399,6 +399,19 @@ def _new_lock() -> None:
 os.register_at_fork(after_in_child=_new_lock)
 
 
+def _local(path: Any) -> Path:
+    """``path`` as a local file; an annotation file by URL is refused, naming it."""
+    from ._paths import RemotePath, as_path
+
+    file = as_path(path)
+    if isinstance(file, RemotePath):
+        raise AnnotationError(
+            file, "annotation files are read from local disk only: copy it next to the job "
+            "(annotations are small), and keep the slide itself in the store",
+        )  # fmt: skip
+    return file
+
+
 def read_annotations(
     path: str | os.PathLike[str],
     *,
@@ -422,7 +435,7 @@ def read_annotations(
     Raises:
         AnnotationError: the file cannot be read or parsed; names the file and the object.
     """
-    file = Path(path)
+    file = _local(path)
     found = _kind(file, kind)
     if isinstance(exclude, str) or not all(isinstance(e, str) for e in exclude):
         raise ConfigError(f"exclude must be a sequence of group names, got {exclude!r}")
@@ -541,7 +554,7 @@ def read_record(
     ``dimensions``. The record's ``info`` may give ``kind``, ``exclude`` (ASAP), ``downsample`` and
     ``labels`` (label masks; default ``downsample``: the slide's size over the mask's, default
     ``labels``: ``labels``, else each value is the class ``str(value)``)."""
-    path = Path(record.path) if hasattr(record, "path") else Path(record)
+    path = _local(record.path if hasattr(record, "path") else record)
     info = dict(getattr(record, "info", {}))
     kind = _kind(path, info.get("kind"))
     options: dict[str, Any] = {"kind": kind, "exclude": info.get("exclude", DEFAULT_EXCLUDE)}

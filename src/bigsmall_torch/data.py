@@ -74,6 +74,20 @@ def _remote_options(
     return RemoteOptions(storage_options=storage_options)
 
 
+def _exists(file: Path | RemotePath) -> bool:
+    """Whether ``file`` is there; an object the store will not tell about (403, timeout) counts
+    as missing, the failure logged."""
+    from .errors import RemoteError
+
+    try:
+        return file.is_file() if isinstance(file, RemotePath) else file.exists()
+    except RemoteError as exc:
+        import logging
+
+        logging.getLogger(__name__).warning("%s", exc)
+        return False
+
+
 def _with_remote(patient: Patient, remote: RemoteOptions) -> Patient:
     """``patient`` with its URL records read with ``remote`` (local records as they are)."""
     if not any(isinstance(r.path, RemotePath) for r in patient.records.values()):
@@ -401,9 +415,9 @@ class Dataset:
                     given = as_path(cells[column], options)
                     file = given if isinstance(given, RemotePath) or given.is_absolute() else base / given
                     records[column] = Record(file, None if mpp is None else {"mpp": mpp})
-                    if check_files and not file.exists():
+                    if check_files and not _exists(file):
                         missing_files.append(
-                            f"line {line}, patient {patient_id!r}, {column!r}: {file}"
+                            f"line {line}, patient {patient_id!r}, {column!r}: {getattr(file, 'display', file)}"
                         )
             info = {c: cells[c] for c in info_columns}
             patients.append(Patient(patient_id, records, label, info))

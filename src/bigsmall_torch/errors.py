@@ -102,7 +102,7 @@ class SlideError(BigSmallError):
 
         self.path = None if path is None else as_path(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        super().__init__(f"{getattr(self.path, 'display', self.path)}: {reason}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), self.path, self.reason, self.__dict__.copy()))
@@ -110,7 +110,7 @@ class SlideError(BigSmallError):
 
 def _rebuild(cls: type[SlideError], path: Path | RemotePath | None, reason: str, state: dict[str, Any]) -> SlideError:
     error = cls.__new__(cls)
-    BigSmallError.__init__(error, reason if path is None else f"{path}: {reason}")
+    BigSmallError.__init__(error, reason if path is None else f"{getattr(path, 'display', path)}: {reason}")
     error.__dict__.update(state)
     return error
 

@@ -41,7 +41,6 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -104,7 +103,9 @@ class TileDecoder:
                 f"TileDecoder: compression must be a TIFF compression tag value among {allowed}, "
                 f"got {compression!r}"
             )
-        self.path = Path(path)
+        from .._paths import as_path
+
+        self.path = as_path(path)  # a URL stays a URL
         self.level = level
         self.width, self.height = size
         self.tile_width, self.tile_height = tile

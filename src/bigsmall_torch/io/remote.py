@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import random
+import socket
 import sys
 import threading
 import time
@@ -123,7 +124,7 @@ class RemoteOptions:
         return json.dumps(self.storage_options, sort_keys=True, default=repr)
 
     def __repr__(self) -> str:
-        shown = {k: ("***" if _secret(k) else v) for k, v in self.storage_options.items()}
+        shown = _masked(self.storage_options)
         return (
             f"RemoteOptions(storage_options={shown!r}, cache_dir={self.cache_dir!r}, "
             f"cache_bytes={self.cache_bytes}, retries={self.retries}, backoff_s={self.backoff_s}, "
@@ -131,8 +132,16 @@ class RemoteOptions:
         )
 
 
-def _secret(key: str) -> bool:
-    return any(word in key.lower() for word in ("secret", "token", "password", "key", "credential"))
+_SECRET_WORDS = ("secret", "token", "password", "key", "credential", "authorization", "headers", "connection_string", "sas", "signature")
+
+
+def _masked(value: Any) -> Any:
+    """``value`` with every entry whose name suggests a secret replaced by ``"***"`` (nested too)."""
+    if isinstance(value, Mapping):
+        return {
+            k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else _masked(v) for k, v in value.items()
+        }
+    return value
 
 
 # -- statistics ----------------------------------------------------------------------------------
@@ -211,6 +220,12 @@ def _before_fork() -> None:
 def _after_fork_in_child() -> None:
     import selectors
 
+    global _INFO_LOCK
+    _INFO_LOCK = threading.Lock()  # a thread of the parent may have held these at the fork
+    _BLOCKS.lock = threading.Lock()
+    for cache in _DISK.values():
+        cache._lock = threading.Lock()
+
     for loop in _PARENT_LOOPS:
         if hasattr(loop, "_selector"):
             loop._selector = selectors.DefaultSelector()
@@ -264,7 +279,7 @@ def filesystem(protocol: str, remote: RemoteOptions) -> Any:
     return fs
 
 
-def _run(fs: Any, name: str, *args: Any, timeout: float, **kwargs: Any) -> Any:
+def _run(fs: Any, name: str, *args: Any, timeout: float | None, **kwargs: Any) -> Any:
     """``fs.<name>(*args)``, bounded by ``timeout`` for async filesystems (the hard limit over the
     client's own timeouts)."""
     if getattr(fs, "async_impl", False) and hasattr(fs, "_" + name):
@@ -275,35 +290,38 @@ def _run(fs: Any, name: str, *args: Any, timeout: float, **kwargs: Any) -> Any:
 
 
 def _status(exc: BaseException) -> int | str | None:
-    """The HTTP status (or ``"timeout"`` / ``"connection reset"``) behind ``exc``; None for errors
-    that are not about the request (a bug, a bad argument).
+    """The HTTP status (or ``"timeout"`` / ``"connection error"``) behind ``exc``; None for errors
+    that are not about a request (a bug, a bad option, missing credentials).
 
     The chain of causes is searched: what a response said (its status, S3's error code) or a
-    timeout or reset wins over what a wrapper's type suggests (fsspec's HTTP store raises
-    FileNotFoundError for a timed-out HEAD)."""
+    timeout or a failed connection wins over what a wrapper's type suggests (fsspec's HTTP store
+    raises FileNotFoundError for a timed-out HEAD)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     generic: int | str | None = None
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        name = type(current).__name__
+        names = {cls.__name__ for cls in type(current).__mro__}
         response = getattr(current, "response", None)
         if isinstance(response, Mapping):  # botocore's ClientError
-            if response.get("Error", {}).get("Code") == "SlowDown":
+            code = response.get("Error", {}).get("Code")
+            if code in ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"):
                 return 503
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status:
                 return int(status)
+        elif response is not None and isinstance(getattr(response, "status_code", None), int):
+            return int(response.status_code)  # requests' HTTPError
         for attribute in ("status", "status_code", "code"):  # aiohttp, requests, gcsfs / adlfs
             status = getattr(current, attribute, None)
             if isinstance(status, int) and not isinstance(status, bool) and 400 <= status < 600:
                 return status
-        if isinstance(current, (TimeoutError, asyncio.TimeoutError)) or name in _TIMEOUTS or (
+        if isinstance(current, (TimeoutError, asyncio.TimeoutError)) or names & _TIMEOUTS or (
             isinstance(current, OSError) and current.errno == errno.ETIMEDOUT
         ):
             return "timeout"
-        if isinstance(current, (ConnectionError, http.client.IncompleteRead)) or name in _RESETS:
-            return "connection reset"
+        if isinstance(current, (ConnectionError, http.client.IncompleteRead, socket.gaierror)) or names & _RESETS:
+            return "connection error"
         if generic is None:
             if isinstance(current, FileNotFoundError):
                 generic = 404
@@ -315,50 +333,68 @@ def _status(exc: BaseException) -> int | str | None:
     return generic
 
 
+def _retries(status: int | str, remote: RemoteOptions) -> int:
+    """How many times a failure with ``status`` is retried."""
+    if isinstance(status, str) or status in (408, 429) or status >= 500:
+        return remote.retries  # throttling, server trouble, timeouts, failed connections
+    if status in (401, 403, 404):
+        return min(remote.retries, 1)  # a key rotated under a long run, an object just written
+    return 0  # a request the server will refuse again (400, 405, 412, 416, ...)
+
+
 _TIMEOUTS = frozenset(
     {"FSTimeoutError", "ReadTimeoutError", "ConnectTimeoutError", "ServerTimeoutError", "ConnectionTimeoutError"}
 )
 _RESETS = frozenset({
     "ServerDisconnectedError", "ClientConnectionError", "ClientOSError", "ClientPayloadError",
     "EndpointConnectionError", "ConnectionClosedError", "IncompleteReadError", "ResponseStreamingError",
+    "ClientConnectorError", "ClientConnectorDNSError",
 })  # fmt: skip
 
 
 def call(what: str, path: RemotePath, fn: Callable[[], T]) -> T:
     """``fn()``, retried as the module's notes say; :class:`~bigsmall_torch.RemoteError` naming
-    ``path``, ``what`` was done and the HTTP status when it keeps failing."""
+    ``path``, what was done and the HTTP status when it keeps failing. Errors that are not about
+    a request (missing credentials, a bad option) are raised as they are, at once."""
     remote = path.remote
     attempt = 0
     while True:
         try:
             return fn()
+        except RemoteError:
+            raise
         except Exception as exc:  # each store raises its own types
             status = _status(exc)
             if status is None:
-                raise RemoteError(path, f"{what}: {type(exc).__name__}: {exc}", status=None, attempts=attempt + 1) from exc
-            limit = min(remote.retries, 1) if status in (403, 404) else remote.retries
+                raise
+            limit = _retries(status, remote)
             if attempt >= limit:
                 label = f"HTTP {status}" if isinstance(status, int) else status
                 reason = _REASONS.get(status, "") if isinstance(status, int) else ""
                 raise RemoteError(
                     path,
                     f"{what} failed: {label}{f', {reason}' if reason else ''} after {attempt + 1} "
-                    f"attempt(s): {type(exc).__name__}: {_short(exc)}",
+                    f"attempt(s): {type(exc).__name__}: {_short(exc, path)}",
                     status=status,
                     attempts=attempt + 1,
                 ) from exc
             wait = min(remote.backoff_s * 2**attempt, 20.0) * random.uniform(0.5, 1.0)
-            logger.info("%s: %s (%s); retry %d of %d in %.2f s", path, what, status, attempt + 1, limit, wait)
+            logger.info("%s: %s (%s); retry %d of %d in %.2f s", path.display, what, status, attempt + 1, limit, wait)
             _STATS.add(retries=1)
             time.sleep(wait)
             attempt += 1
 
 
-_REASONS = {403: "access denied (check the credentials)", 404: "no such object"}
+_REASONS = {
+    401: "not authorised (check the credentials)",
+    403: "access denied (check the credentials)",
+    404: "no such object",
+    416: "range not satisfiable",
+}
 
 
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+def _short(exc: BaseException, path: RemotePath) -> str:
+    text = " ".join(str(exc).split()).replace(path.url, path.display)
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -427,12 +463,17 @@ def object_info(path: RemotePath) -> ObjectInfo:
     :class:`FileNotFoundError` when there is no such object (after the retry of a 404)."""
     key = (path.url, path.remote._token())
     with _INFO_LOCK:
-        info = _INFO.get(key)
-    if info is not None:
-        return info
+        known = _INFO.get(key)
+    if known is not None:
+        return known
     fs = filesystem(path.protocol, path.remote)
+
+    def ask() -> Any:
+        _STATS.add(requests=1)
+        return _run(fs, "info", path.url, timeout=path.remote.timeout_s)
+
     try:
-        detail = call("reading the object's size", path, lambda: _run(fs, "info", path.url, timeout=path.remote.timeout_s))
+        detail = call("reading the object's size", path, ask)
     except RemoteError as exc:
         if exc.status == 404:
             raise FileNotFoundError(errno.ENOENT, f"no such object ({exc.reason})", path.url) from exc
@@ -458,9 +499,10 @@ def list_objects(root: RemotePath, pattern: str, *, recursive: bool) -> list[Rem
     base = fs._strip_protocol(root.url).rstrip("/")
 
     def find() -> Any:
+        # Many paged requests: each has the client's own timeout, the whole listing none.
         if recursive:
-            return _run(fs, "find", base, withdirs=False, detail=True, timeout=root.remote.timeout_s)
-        return {d["name"]: d for d in _run(fs, "ls", base, detail=True, timeout=root.remote.timeout_s)}
+            return _run(fs, "find", base, withdirs=False, detail=True, timeout=None)
+        return {d["name"]: d for d in _run(fs, "ls", base, detail=True, timeout=None)}
 
     found = call("listing the objects", root, find)
     out = []
@@ -482,100 +524,130 @@ def list_objects(root: RemotePath, pattern: str, *, recursive: bool) -> list[Rem
 class DiskCache:
     """Fetched byte ranges of remote objects on local disk, shared by the processes of a node.
 
-    Each object has a sparse data file (its bytes at their own offsets) and a map with one byte per
-    16 KiB block, set once the block's bytes are written. Writes of the same block by several
-    processes write the same bytes, so no lock is needed; a range is served from disk only when
-    every block it touches is marked. Past ``max_bytes`` (disk blocks actually used) the objects
-    least recently opened are removed whole; a process reading one keeps its open descriptors and
-    goes on (Linux keeps removed files until they are closed).
+    One sparse file per object: its bytes at their own offsets, then (from the next multiple of
+    16 KiB) one mark byte per 16 KiB block, set once the block's bytes are written. Data and marks
+    live in one file, so removing it never leaves marks of bytes that are gone; writes of a block
+    by several processes write the same bytes, so no lock is needed; a range is served from disk
+    only when every block it touches is marked. Past ``max_bytes`` (disk blocks actually used) the
+    objects least recently used are removed whole; a process holding one open reopens it (a fresh,
+    empty one) at its next use. Any error of the disk (full, read-only, ...) is logged once and the
+    bytes are read from the store instead: the cache never fails a read.
     """
 
     def __init__(self, folder: Path, max_bytes: int) -> None:
         self.folder = Path(folder)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._open: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # key -> (data, map, size)
+        self._open: OrderedDict[str, int] = OrderedDict()  # key -> descriptor
+        self._touched: dict[str, float] = {}
         self._since_check = 0
         self._pid = os.getpid()
+        self._warned = False
 
     @staticmethod
     def key(path: RemotePath, info: ObjectInfo) -> str:
         text = f"{path.url}\n{info.size}\n{info.version}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def _files(self, key: str, size: int) -> tuple[int, int, int]:
+    def _file(self, key: str) -> Path:
+        return self.folder / f"{key}.cache"
+
+    def _fd(self, key: str, size: int) -> int:
+        """This process's descriptor of ``key``'s file, (re)opened when it was removed."""
         with self._lock:
             if self._pid != os.getpid():  # descriptors of a parent process
                 self._open.clear()
                 self._pid = os.getpid()
-            found = self._open.get(key)
-            if found is not None:
+            fd = self._open.get(key)
+            if fd is not None and os.fstat(fd).st_nlink == 0:  # removed by a bound(): start over
+                os.close(fd)
+                del self._open[key]
+                fd = None
+            if fd is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self._file(key), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+                total = _marks_at(size) + -(-size // _CACHE_BLOCK)
+                if os.fstat(fd).st_size < total:
+                    os.ftruncate(fd, total)
+                self._open[key] = fd
+                while len(self._open) > 64:
+                    _, old = self._open.popitem(last=False)
+                    os.close(old)
+            else:
                 self._open.move_to_end(key)
-                return found
-            self.folder.mkdir(parents=True, exist_ok=True)
-            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-            data = os.open(self.folder / f"{key}.data", flags, 0o644)
-            marks = os.open(self.folder / f"{key}.map", flags, 0o644)
-            blocks = -(-size // _CACHE_BLOCK)
-            if os.fstat(data).st_size < size:
-                os.ftruncate(data, size)
-            if os.fstat(marks).st_size < blocks:
-                os.ftruncate(marks, blocks)
-            os.utime(self.folder / f"{key}.map")  # recently used
-            self._open[key] = (data, marks, size)
-            while len(self._open) > 64:
-                _, (d, m, _) = self._open.popitem(last=False)
-                os.close(d)
-                os.close(m)
-            return data, marks, size
+            now = time.monotonic()
+            if now - self._touched.get(key, 0.0) > 30:  # recently used, for bound()
+                self._touched[key] = now
+                os.utime(fd)
+            return fd
+
+    def _failed(self, what: str, exc: OSError) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning("disk cache %s: %s failed (%s); reading from the store instead", self.folder, what, exc)
 
     def get(self, key: str, size: int, start: int, end: int) -> bytes | None:
         """Bytes ``[start, end)`` of the object when every block they touch is cached, else None."""
-        data, marks, _ = self._files(key, size)
-        first, last = start // _CACHE_BLOCK, (end - 1) // _CACHE_BLOCK
-        flags = os.pread(marks, last - first + 1, first)
-        if len(flags) != last - first + 1 or flags.count(0):
+        try:
+            fd = self._fd(key, size)
+            first, last = start // _CACHE_BLOCK, (end - 1) // _CACHE_BLOCK
+            flags = os.pread(fd, last - first + 1, _marks_at(size) + first)
+            if len(flags) != last - first + 1 or flags.count(0):
+                return None
+            out = os.pread(fd, end - start, start)
+        except OSError as exc:
+            self._failed("reading", exc)
             return None
-        out = os.pread(data, end - start, start)
         return out if len(out) == end - start else None
 
     def put(self, key: str, size: int, start: int, payload: bytes) -> None:
         """Store ``payload`` (bytes from ``start``; ``start`` block-aligned, and the end too unless
-        it is the object's end) and mark its blocks."""
-        data, marks, _ = self._files(key, size)
+        it is the object's end) and then mark its blocks."""
         end = start + len(payload)
         assert start % _CACHE_BLOCK == 0 and (end % _CACHE_BLOCK == 0 or end == size)
-        os.pwrite(data, payload, start)
-        first, last = start // _CACHE_BLOCK, -(-end // _CACHE_BLOCK)
-        os.pwrite(marks, b"\x01" * (last - first), first)
+        try:
+            fd = self._fd(key, size)
+            view, at = memoryview(payload), start
+            while view:  # pwrite may write less than asked
+                written = os.pwrite(fd, view, at)
+                view, at = view[written:], at + written
+            first, last = start // _CACHE_BLOCK, -(-end // _CACHE_BLOCK)
+            os.pwrite(fd, b"\x01" * (last - first), _marks_at(size) + first)
+        except OSError as exc:
+            self._failed("writing", exc)
+            return
         self._since_check += len(payload)
         if self._since_check > max(self.max_bytes // 50, 64 << 20):
             self._since_check = 0
             self.bound(keep=key)
 
     def bound(self, keep: str | None = None) -> None:
-        """Remove the least recently opened objects while the cache uses more than ``max_bytes``."""
+        """Remove the least recently used objects while the cache uses more than ``max_bytes``."""
         entries = []
         total = 0
-        for entry in os.scandir(self.folder):
-            if not entry.name.endswith(".data"):
-                continue
-            key = entry.name[: -len(".data")]
-            try:
-                used = entry.stat().st_blocks * 512
-                marks = os.stat(self.folder / f"{key}.map")
-            except FileNotFoundError:
-                continue
-            total += used
-            entries.append((marks.st_mtime, key, used))
+        try:
+            for entry in os.scandir(self.folder):
+                if entry.name.endswith(".cache"):
+                    try:
+                        stat = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    total += stat.st_blocks * 512
+                    entries.append((stat.st_mtime, entry.name[: -len(".cache")], stat.st_blocks * 512))
+        except OSError as exc:
+            self._failed("listing", exc)
+            return
         for _, key, used in sorted(entries):
             if total <= self.max_bytes:
                 break
             if key == keep:
                 continue
-            for suffix in (".map", ".data"):
-                with contextlib.suppress(FileNotFoundError):  # another process was first
-                    os.unlink(self.folder / f"{key}{suffix}")
+            with contextlib.suppress(FileNotFoundError):  # another process was first
+                os.unlink(self._file(key))
+            with self._lock:
+                fd = self._open.pop(key, None)
+            if fd is not None:
+                os.close(fd)
             total -= used
             logger.info("disk cache %s: removed %s (%d MiB) to stay under %d MiB", self.folder, key, used >> 20, self.max_bytes >> 20)
 
@@ -583,7 +655,12 @@ class DiskCache:
         """Disk bytes the cached objects use."""
         if not self.folder.is_dir():
             return 0
-        return sum(e.stat().st_blocks * 512 for e in os.scandir(self.folder) if e.name.endswith(".data"))
+        return sum(e.stat().st_blocks * 512 for e in os.scandir(self.folder) if e.name.endswith(".cache"))
+
+
+def _marks_at(size: int) -> int:
+    """Where an object's marks start in its cache file."""
+    return -(-size // _CACHE_BLOCK) * _CACHE_BLOCK
 
 
 _DISK: dict[tuple[str, int], DiskCache] = {}
@@ -660,17 +737,25 @@ class RangeSource:
         url = self.path.url
 
         def fetch() -> list[bytes]:
+            _STATS.add(requests=len(wanted))  # attempts, failed ones included
             if len(wanted) == 1:
                 a, b = wanted[0]
                 blobs = [_run(fs, "cat_file", url, start=a, end=b, timeout=timeout)]
             else:
                 blobs = _run(
                     fs, "cat_ranges", [url] * len(wanted), [a for a, _ in wanted], [b for _, b in wanted],
-                    on_error="raise", timeout=timeout,
+                    on_error="raise", timeout=timeout * (1 + len(wanted) // 10),
                 )  # fmt: skip
-            _STATS.add(requests=len(wanted), nbytes=sum(len(b) for b in blobs))
+            _STATS.add(nbytes=sum(len(b) for b in blobs))
             for (a, b), blob in zip(wanted, blobs, strict=True):
-                if len(blob) != b - a:
+                if len(blob) > b - a:  # a whole object for a range: retrying would not help
+                    raise RemoteError(
+                        self.path,
+                        f"the server does not honour Range requests: it sent {len(blob)} bytes for a "
+                        f"range of {b - a}; serve the slides from a server that does (or copy them)",
+                        status=None,
+                    )
+                if len(blob) < b - a:
                     raise http.client.IncompleteRead(blob, b - a - len(blob))
             return blobs
 

@@ -270,6 +270,8 @@ class _TiffSlideReader(_ReaderBase):
             return decoder.read(int(x / ds), int(y / ds), width, height, planar=planar)
         try:
             arr = self._slide.read_region((x, y), level, (width, height), as_array=True)
+        except RemoteError:  # the store failed: keep its type, status and attempts
+            raise
         except Exception as exc:  # decoder errors come in many types
             raise SlideReadError(self.info.path, f"tiffslide failed to read the region: {exc}") from exc
         if self._strict:  # tifffile drops libjpeg's corruption warnings: check the tiles read
@@ -440,7 +442,7 @@ def open_slide(
         try:
             reader = _reader_class(candidate)(file, openslide_cache_bytes, decode_threads, bool(strict))  # type: ignore[arg-type]
         except RemoteError as exc:  # the store failed, not the format: say so as it is
-            raise SlideOpenError(file, exc.reason, backends=[candidate.value]) from exc
+            raise _open_error(exc, [candidate.value]) from exc
         except Exception as exc:  # each backend refuses in its own exception types
             reasons.append(f"{candidate.value}: {exc}")
             continue
@@ -455,6 +457,13 @@ def open_slide(
     )
 
 
+def _open_error(exc: RemoteError, backends: list[str] | None = None) -> SlideOpenError:
+    """A :class:`SlideOpenError` saying what the store said, with its ``status`` and ``attempts``."""
+    error = SlideOpenError(exc.path, str(exc.reason), backends=backends or [])
+    error.status, error.attempts = exc.status, exc.attempts  # type: ignore[attr-defined]
+    return error
+
+
 def _check_object(file: RemotePath) -> None:
     """Refuse a URL that names no object, a prefix, or an empty object (the request retried as
     :mod:`~bigsmall_torch.io.remote` says); :class:`SlideOpenError` naming the URL and status."""
@@ -462,11 +471,13 @@ def _check_object(file: RemotePath) -> None:
         stat = file.stat()
     except FileNotFoundError as exc:
         cause = exc.__cause__
-        raise SlideOpenError(file, str(cause.reason if isinstance(cause, RemoteError) else "no such object")) from exc
+        if isinstance(cause, RemoteError):
+            raise _open_error(cause) from exc
+        raise SlideOpenError(file, "no such object") from exc
     except IsADirectoryError as exc:
         raise SlideOpenError(file, "is a prefix (a folder), not an object") from exc
     except RemoteError as exc:
-        raise SlideOpenError(file, exc.reason) from exc
+        raise _open_error(exc) from exc
     if stat.st_size == 0:
         raise SlideOpenError(file, "the object is empty")
 
