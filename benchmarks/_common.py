@@ -4,6 +4,7 @@ Markdown tables."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -73,6 +74,24 @@ def add_stream_options(parser: argparse.ArgumentParser, *, decode_threads: int, 
         help=f"where the slides are cached (default <repo>/{shown})",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
+
+
+def resolve_stream_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, scaled: dict[str, tuple[int, int, str]], chunk: int
+) -> None:
+    """:func:`resolve_scaled` for a benchmark with :func:`add_stream_options`, and ``--size`` at
+    least two ``chunk`` sides and a multiple of 256."""
+    resolve_scaled(parser, args, scaled, ["slides", "workers", "batch_size", "seed", "decode_threads"])
+    if args.size < 2 * chunk or args.size % 256:
+        parser.error(f"--size must be a multiple of 256 and >= {2 * chunk}, got {args.size}")
+
+
+def write_json(path: Path, args: argparse.Namespace, payload: dict[str, Any]) -> None:
+    """Write ``payload`` and the run's options (``"config"``) as JSON to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    path.write_text(json.dumps({"config": config, **payload}, indent=2, default=str) + "\n")
+    logger.info("results written to %s", path)
 
 
 def resolve_scaled(

@@ -69,8 +69,9 @@ try:
         add_stream_options,
         make_parser,
         markdown_table,
-        resolve_scaled,
+        resolve_stream_options,
         time_loader,
+        write_json,
     )
     from .bench_core import BUFFER_SIZE, CHUNK, DECODE_THREADS, PATCH
 except ImportError:  # run as a script: python benchmarks/bench_annotations.py
@@ -82,8 +83,9 @@ except ImportError:  # run as a script: python benchmarks/bench_annotations.py
         add_stream_options,
         make_parser,
         markdown_table,
-        resolve_scaled,
+        resolve_stream_options,
         time_loader,
+        write_json,
     )
     from bench_core import BUFFER_SIZE, CHUNK, DECODE_THREADS, PATCH
 
@@ -574,17 +576,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="instead of the table: where the time goes, with num_workers=0 and cProfile",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    resolve_scaled(parser, args, _SCALED, ["slides", "workers", "batch_size", "seed", "decode_threads"])
-    if args.size < 2 * CHUNK or args.size % 256:
-        parser.error(f"--size must be a multiple of 256 and >= {2 * CHUNK}, got {args.size}")
+    resolve_stream_options(parser, args, _SCALED, CHUNK)
     return args
-
-
-def _write_json(path: Path, args: argparse.Namespace, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    path.write_text(json.dumps({"config": config, **payload}, indent=2, default=str) + "\n")
-    logger.info("results written to %s", path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -601,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(profile_report(profiled, args))
         print(f"\nLoad average before the runs: {args.loads[0]:.1f} on {os.cpu_count()} CPUs.")
         if args.json is not None:
-            _write_json(args.json, args, {"profile": [vars(r) for r in profiled]})
+            write_json(args.json, args, {"profile": [vars(r) for r in profiled]})
         return 0
     raster_s = rasterize_times(pairs, windows=args.raster_windows, seed=args.seed)
     rows = run(args, pairs)
@@ -618,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rasterize_s": list(raster_s),
             "read_s": reads,
         }  # fmt: skip
-        _write_json(args.json, args, payload)
+        write_json(args.json, args, payload)
     return 0
 
 

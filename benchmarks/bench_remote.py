@@ -33,7 +33,6 @@ chunk locally, from the HTTP server and from moto.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -57,8 +56,9 @@ try:
         make_parser,
         markdown_table,
         prepare_slides,
-        resolve_scaled,
+        resolve_stream_options,
         time_loader,
+        write_json,
     )
     from .bench_core import BUFFER_SIZE, CHUNK, DECODE_THREADS, PATCH
 except ImportError:  # run as a script: python benchmarks/bench_remote.py
@@ -70,8 +70,9 @@ except ImportError:  # run as a script: python benchmarks/bench_remote.py
         make_parser,
         markdown_table,
         prepare_slides,
-        resolve_scaled,
+        resolve_stream_options,
         time_loader,
+        write_json,
     )
     from bench_core import BUFFER_SIZE, CHUNK, DECODE_THREADS, PATCH
 
@@ -276,9 +277,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_scaled_options(parser, _SCALED, "smoke run: fewer batches, one round (about a minute)")
     add_stream_options(parser, decode_threads=DECODE_THREADS, slides_dir=REPO_ROOT / ".cache" / "bench-slides")
     args = parser.parse_args(argv)
-    resolve_scaled(parser, args, _SCALED, ["slides", "workers", "batch_size", "seed", "decode_threads"])
-    if args.size < 2 * CHUNK or args.size % 256:
-        parser.error(f"--size must be a multiple of 256 and >= {2 * CHUNK}, got {args.size}")
+    resolve_stream_options(parser, args, _SCALED, CHUNK)
     return args
 
 
@@ -292,10 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run(args, slides)
     print(report(rows, args))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         payload = {
-            "config": config,
             "rows": [
                 {"mode": r.mode, "source": r.source, "patches_per_s": r.patches_per_s,
                  "cpu_us_per_patch": r.cpu_us_per_patch, "gets_per_chunk": r.gets_per_chunk,
@@ -303,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for r in rows
             ],
         }  # fmt: skip
-        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        write_json(args.json, args, payload)
     return 0
 
 
