@@ -44,7 +44,7 @@ already in memory, decoded by ``imagecodecs.jpeg8_decode`` with 2 threads (this 
     python -m benchmarks.bench_features --gpu        # CUDA only: ResNet-50 bf16, end to end vs model
 
 ``--profile`` times the stages of ``extract_features`` with the cheap model and ``num_workers=0``
-(block decode, per-window crop, ``BatchBuilder.add``/``build``, model, writer thread; the block read
+(block decode, a block's window run, ``BatchBuilder.add_run``/``build``, model, writer thread; the block read
 runs in a prefetch thread, concurrently) with the defaults, with ``decode_threads=1`` and with the
 tile-aligned ``block_size=1792``; then, with 2 workers, what the main process waits for; then the cost of copying windows into a batch (per
 window, as today, against whole block rows at once); then the top functions of a cProfile run.
@@ -120,6 +120,7 @@ ALIGNED_BLOCK = 1792  # lcm(224, 256): blocks of 8x8 windows that start and end 
 # The extract_features rows of the cheap model: the defaults, then settings the profile points to.
 CHEAP_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     (OURS, {}),
+    ("extract_features, contiguous batches (memory_format)", {"memory_format": torch.contiguous_format}),
     ("extract_features, decode_threads=1", {"decode_threads": 1}),
     ("extract_features, decode_threads=1, block_size=1792 (tile-aligned)",
      {"decode_threads": 1, "block_size": ALIGNED_BLOCK}),
@@ -136,15 +137,20 @@ RESNET = "ResNet-18"
 class ChannelMeans(torch.nn.Module):
     """``[n, 3]`` float32 per-channel means of a uint8 ``[n, 3, H, W]`` batch on the CPU.
 
-    Summed by numpy with a uint32 accumulator (about 2 ms a batch of 64): torch's own uint8
+    Summed by numpy with a uint32 accumulator (about 3 ms a batch of 64, 5 ms channels-last): torch's own uint8
     reductions (``x.mean(dim=(2, 3), dtype=torch.float32)``, ``x.float().mean(...)``) take 20-70 ms
     a batch on this 2-core machine and would make the "I/O-bound" model the bottleneck.
     """
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        flat = images.numpy().reshape(images.shape[0], images.shape[1], -1)
-        sums = flat.sum(axis=-1, dtype=np.uint32)
-        return torch.from_numpy(sums.astype(np.float32) / flat.shape[-1])
+        n, c, h, w = images.shape
+        pixels = images.numpy()
+        if pixels.flags.c_contiguous:
+            sums = pixels.reshape(n, c, h * w).sum(axis=-1, dtype=np.uint32)
+        else:  # channels-last (n, H, W, C in memory): rows first, then the columns of each channel
+            rows = pixels.transpose(0, 2, 3, 1).reshape(n, h, w * c).sum(axis=1, dtype=np.uint32)
+            sums = rows.reshape(n, w, c).sum(axis=1)
+        return torch.from_numpy(sums.astype(np.float32) / (h * w))
 
 
 class Scale255(torch.nn.Module):
@@ -710,10 +716,12 @@ class _Stages:
 
         read_at = sliding.read_at
 
-        def counting_read_at(reader: Any, choice: Any, x: int, y: int, w: int, h: int) -> Any:
+        def counting_read_at(
+            reader: Any, choice: Any, x: int, y: int, w: int, h: int, **options: Any
+        ) -> Any:
             tw, th = self.tile
             self.tiles += ((x + w - 1) // tw - x // tw + 1) * ((y + h - 1) // th - y // th + 1)
-            return read_at(reader, choice, x, y, w, h)
+            return read_at(reader, choice, x, y, w, h, **options)
 
         swd, bb, writer = sliding.SlidingWindowDataset, batching.BatchBuilder, feat._Writer
         saved = [
@@ -721,8 +729,8 @@ class _Stages:
             (sliding, "channel_planar", sliding.channel_planar),
             (swd, "_read_block", swd._read_block),
             (swd, "_windows", swd._windows),
-            (swd, "_crop", swd._crop),
-            (bb, "add", bb.add),
+            (swd, "_run", swd._run),
+            (bb, "add_run", bb.add_run),
             (bb, "build", bb.build),
             (feat, "_apply", feat._apply),
             (writer, "_take", writer._take),
@@ -733,8 +741,8 @@ class _Stages:
             "channel_planar": timed(sliding.channel_planar, "channel_planar"),
             "_read_block": timed(swd._read_block, "_read_block"),
             "_windows": timed_gen(swd._windows, "_windows"),
-            "_crop": timed_gen(swd._crop, "_crop"),
-            "add": timed(bb.add, "BatchBuilder.add"),
+            "_run": timed(swd._run, "_run"),
+            "add_run": timed(bb.add_run, "BatchBuilder.add_run"),
             "build": timed(bb.build, "BatchBuilder.build"),
             "_apply": timed(feat._apply, "model"),
             "_take": timed(writer._take, "writer _take"),
@@ -766,14 +774,14 @@ def _profile_run(path: Path, args: argparse.Namespace, label: str, **options: An
         summary = _extract(path, ChannelMeans(), tmp, args, num_workers=0, **options)
         wall = time.perf_counter() - start
     windows = summary.slides[0].windows
-    crop = stages.total("_crop")
+    run = stages.total("_run")
     derived = {
         "block decode (read_at)": stages.total("block decode (read_at)"),
         "channel_planar": stages.total("channel_planar"),
         "_read_block (all)": stages.total("_read_block"),
-        "wait for a block": stages.total("_windows") - crop,
-        "_crop (SmallChunk per window)": crop,
-        "BatchBuilder.add": stages.total("BatchBuilder.add"),
+        "wait for a block": stages.total("_windows") - run,
+        "_run (a block's windows and their metadata)": run,
+        "BatchBuilder.add_run": stages.total("BatchBuilder.add_run"),
         "BatchBuilder.build (collate)": stages.total("BatchBuilder.build"),
         "model": stages.total("model"),
         "writer _take (thread)": stages.total("writer _take"),

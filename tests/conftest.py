@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from torch.utils.data import dataloader as _dataloader
 
 from bigsmall_torch.synthetic import SyntheticSlideInfo, synthesize_slides
 
@@ -61,3 +63,29 @@ def run_process_group(command: Sequence[str], *, timeout: float = 300) -> tuple[
         proc.communicate()
         raise
     return proc.returncode, stderr
+
+
+# -- DataLoader iterators left in a reference cycle -----------------------------------------------
+#
+# After a worker raised, torch's ExceptionWrapper.reraise leaves the exception in a frame of its own
+# traceback: a cycle that holds the DataLoader iterator (through pytest.raises' ExceptionInfo, for
+# one) until a later garbage collection, whose shutdown of it then waits out a 5 s join per worker,
+# in whichever test it happens to run. Each test's iterators are shut down when it ends instead.
+
+_LIVE_ITERATORS: weakref.WeakSet[_dataloader._MultiProcessingDataLoaderIter] = weakref.WeakSet()
+_original_init = _dataloader._MultiProcessingDataLoaderIter.__init__
+
+
+def _tracked_init(self: _dataloader._MultiProcessingDataLoaderIter, *args: object, **kwargs: object) -> None:
+    _LIVE_ITERATORS.add(self)
+    _original_init(self, *args, **kwargs)
+
+
+_dataloader._MultiProcessingDataLoaderIter.__init__ = _tracked_init  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _shut_down_loader_workers() -> Iterator[None]:
+    yield
+    for iterator in list(_LIVE_ITERATORS):
+        iterator._shutdown_workers()

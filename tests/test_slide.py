@@ -92,6 +92,24 @@ def test_stripped_tiffs_are_plain_images_and_truncated_ones_are_refused(tmp_path
         bst.open_slide(tmp_path / "header.tiff")
 
 
+@pytest.mark.parametrize("where", ["at the second IFD", "inside the second IFD", "inside the last IFD"])
+def test_a_tiff_cut_at_an_ifd_is_refused_not_opened_with_levels_missing(
+    tmp_path: Path, slide_folder: Path, where: str
+) -> None:
+    """tifffile stops at an IFD past the end with a logged error and lists the levels before it."""
+    import tifffile
+
+    source = slide_folder / "synthetic_000.tiff"
+    with tifffile.TiffFile(source) as tif:
+        offsets = [page.offset for page in tif.pages]
+    assert len(offsets) >= 3 and bst.slide_info(source).level_count >= 2
+    cut = {"at the second IFD": offsets[1], "inside the second IFD": offsets[1] + 40,
+           "inside the last IFD": offsets[-1] + 2}[where]  # fmt: skip
+    (tmp_path / "cut.tiff").write_bytes(source.read_bytes()[:cut])
+    with pytest.raises(bst.SlideOpenError, match=rf"cut\.tiff.*tiffslide: the file is truncated: an IFD .* at byte {offsets[1] if 'second' in where else offsets[-1]} "):
+        bst.open_slide(tmp_path / "cut.tiff")
+
+
 def test_jpeg_tiled_levels_use_the_tile_fast_path(slide_folder: Path, cmu1: Path) -> None:
     import openslide
 

@@ -81,6 +81,30 @@ def test_batched_mode_exactly_once_with_exact_len(slide_folder: Path) -> None:
     assert len(got) == len(set(got)) == ds.total_windows
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_channels_last_batches_equal_contiguous_ones(slide_folder: Path, num_workers: int) -> None:
+    """``memory_format=torch.channels_last``: the same ``[n, C, H, W]`` values, stored ``n, H, W, C``
+    (through the workers' shared-memory slots too, partial last batch and padded edge included)."""
+    options: dict[str, Any] = dict(patch_size=200, level=1, batch_size=24, block_size=700, edge="pad")
+    plain = bst.SlidingWindowDataset(dataset(slide_folder, 2), **options)
+    last = bst.SlidingWindowDataset(dataset(slide_folder, 2), memory_format=torch.channels_last, **options)
+    expected = list(DataLoader(plain, batch_size=None, num_workers=num_workers))
+    got = list(DataLoader(last, batch_size=None, num_workers=num_workers))
+    assert len(got) == len(expected) == len(last) and min(len(b["image"]) for b in got) < 24
+    for a, b in zip(expected, got, strict=True):
+        assert b["image"].shape == a["image"].shape and b["image"].dtype == torch.uint8
+        assert b["image"].is_contiguous(memory_format=torch.channels_last)
+        assert not b["image"].is_contiguous() and a["image"].is_contiguous()
+        assert torch.equal(a["image"], b["image"])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in ("x", "y", "row", "col"))
+    pickled = pickle.loads(pickle.dumps(got[0]))  # a copy, strides kept
+    assert torch.equal(pickled["image"], got[0]["image"])
+    with pytest.raises(bst.ConfigError, match=r"memory_format must be .* with batch_size"):
+        bst.SlidingWindowDataset(dataset(slide_folder, 1), 256, memory_format=torch.channels_last)
+    with pytest.raises(bst.ConfigError, match="memory_format must be"):
+        bst.SlidingWindowDataset(dataset(slide_folder, 1), 256, batch_size=4, memory_format="nhwc")  # type: ignore[arg-type]
+
+
 def test_grid_geometry_and_pixels(slide_folder: Path) -> None:
     ds = bst.SlidingWindowDataset(
         dataset(slide_folder, 1), 200, stride=150, level=1, block_size=700

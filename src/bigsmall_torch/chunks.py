@@ -136,6 +136,53 @@ class SmallChunk:
 
 
 @dataclass
+class WindowRun:
+    """Consecutive samples cut from one array at known places: what a front end that knows its
+    windows in advance (the sliding windows of a block) hands the core, so that batched mode copies
+    them into the batch in one loop and takes their metadata as columns, with no
+    :class:`SmallChunk` or dict per sample. :meth:`small` gives sample ``k`` as the
+    :class:`SmallChunk` it stands for (per-sample mode, and the batch's first sample).
+
+    ``info`` holds, per key, either an array with one value per sample or one value for all
+    (samples get Python scalars, as a collector would store them); ``labels``, when set, is a label
+    raster of ``data``'s height x width, cut into each sample's ``"mask"``.
+    """
+
+    data: np.ndarray  # H x W x C
+    tops: np.ndarray  # [n] each sample's first row in data
+    lefts: np.ndarray  # [n] and first column
+    size: tuple[int, int]  # (width, height) of every sample
+    info: dict[str, Any]
+    bigchunk_info: dict[str, Any]
+    patient: Patient
+    labels: np.ndarray | None = None
+    #: The consumer's position before the run's first sample (set by the front end).
+    cursor: int = 0
+
+    def __len__(self) -> int:
+        return len(self.tops)
+
+    def small(self, k: int) -> SmallChunk:
+        (width, height), top, left = self.size, int(self.tops[k]), int(self.lefts[k])
+        info = {
+            key: value[k].item() if isinstance(value, np.ndarray) else value
+            for key, value in self.info.items()
+        }
+        if self.labels is not None:
+            import torch
+
+            info["mask"] = torch.from_numpy(self.labels[top : top + height, left : left + width].copy())
+        return SmallChunk(
+            self.data[top : top + height, left : left + width], info, self.bigchunk_info, self.patient
+        )
+
+    def column(self, key: str, lo: int, hi: int) -> list[Any]:
+        """Samples ``lo..hi``'s values of ``info[key]``, as :meth:`small` gives them."""
+        value = self.info[key]
+        return value[lo:hi].tolist() if isinstance(value, np.ndarray) else [value] * (hi - lo)
+
+
+@dataclass
 class ChunkContext:
     """What a loader or collector gets besides the patient.
 

@@ -328,6 +328,7 @@ def extract_features(
     progress: bool = True,
     rank: int | None = None,
     world_size: int | None = None,
+    memory_format: torch.memory_format = torch.channels_last,
 ) -> ExtractionSummary:
     """Run ``model`` over every window of every slide of ``dataset``; one HDF5 bag per slide (see
     the module docstring for the layout).
@@ -360,6 +361,9 @@ def extract_features(
         progress: tqdm bars: one per slide and one overall (windows/s).
         rank, world_size: the distributed position (default: ``torch.distributed`` when
             initialised, else 0 and 1).
+        memory_format: of the image batches: ``torch.channels_last`` (default: the windows are
+            copied as the decoder writes them, and convolutional networks run faster so on a
+            GPU) or ``torch.contiguous_format`` (for a model that calls ``view`` on its input).
 
     Returns:
         An :class:`ExtractionSummary`; also written as ``<out_dir>/summary.csv`` (rank 0 gathers
@@ -388,6 +392,11 @@ def extract_features(
         model_name = model_name or name
     if not callable(model):
         raise ConfigError(f"extract_features: model must be a torch.nn.Module, a callable or a timm name, got {model!r}")
+    if memory_format not in (torch.channels_last, torch.contiguous_format):
+        raise ConfigError(
+            "extract_features: memory_format must be torch.channels_last or torch.contiguous_format, "
+            f"got {memory_format!r}"
+        )
     if preprocess is not None and not callable(preprocess):
         raise ConfigError(f"extract_features: preprocess must be callable or None, got {preprocess!r}")
     model_name = model_name or type(model).__name__
@@ -428,7 +437,7 @@ def extract_features(
              patch=patch, steps=steps, resolution=resolution, tissue_only=tissue_only, min_tissue=min_tissue,
              tissue_detector=tissue_detector, batch_size=batch_size, num_workers=num_workers,
              on_error=policy, record_key=record_key, block_size=block_size, decode_threads=decode_threads,
-             progress=progress, rank=rank)  # fmt: skip
+             progress=progress, rank=rank, memory_format=memory_format)  # fmt: skip
     rows = [results[p.id] for p in mine]
     return _summarise(out, rows, rank, world_size)
 
@@ -444,7 +453,7 @@ def _run(
     amp: torch.dtype | None, device: torch.device, *, patch: tuple[int, int], steps: tuple[int, int],
     resolution: Resolution, tissue_only: bool, min_tissue: float, tissue_detector: TissueDetector | None,
     batch_size: int, num_workers: int, on_error: OnError, record_key: str, block_size: int,
-    decode_threads: int, progress: bool, rank: int,
+    decode_threads: int, progress: bool, rank: int, memory_format: torch.memory_format,
 ) -> None:  # fmt: skip
     """Extract the slides of ``todo`` on this rank, filling ``results``."""
     level = resolution.level if resolution.mpp is None and resolution.magnification is None else None
@@ -454,6 +463,7 @@ def _run(
             tolerance=resolution.tolerance, tissue_only=tissue_only, min_tissue=min_tissue,
             tissue_detector=tissue_detector, record_key=record_key, block_size=block_size,
             batch_size=batch_size, on_error=on_error, decode_threads=decode_threads, rank=0, world_size=1,
+            memory_format=memory_format,
         )  # fmt: skip
     except DatasetError as exc:  # on_error="skip" and none of this rank's slides can be used
         errors = getattr(exc, "errors", None)

@@ -207,6 +207,13 @@ def run_epoch(
                 os.kill(it._workers[0].pid, signal.SIGKILL)  # type: ignore[attr-defined]
     except Exception as exc:
         run.error, run.message = type(exc), str(exc)
+        # torch's ExceptionWrapper.reraise keeps the exception in a frame of its own traceback: a
+        # cycle holding the iterator, which only a later gc would shut down (waiting out a 5 s join
+        # per worker). Without the tracebacks the iterator goes with the `del` below.
+        seen: BaseException | None = exc
+        while seen is not None:
+            seen.__traceback__ = None
+            seen = seen.__cause__ or seen.__context__
     # A worker killed while torch's DataLoader shuts down makes torch's SIGCHLD handler raise inside
     # the iterator's __del__; pytest's unraisable-exception hook would keep that exception, and with
     # its traceback the iterator and its pipes, until the test ends. Keep only its type here, so

@@ -219,6 +219,23 @@ def acquire_images(
     return images, extra, lease
 
 
+def _storage_order(image: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions of ``image`` (a dense view of a slot, e.g. a channels-last batch) from the
+    outermost to the innermost in memory: ``image.permute(order)`` is contiguous."""
+    strides = image.stride()
+    order = tuple(sorted(range(image.ndim), key=lambda d: (-strides[d], d)))
+    if not image.permute(order).is_contiguous():
+        raise StreamError(f"a batch's image must be dense in its slot, got strides {image.stride()}")
+    return order
+
+
+def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim] = position
+    return tuple(inverse)
+
+
 def _in_slot(tensor: torch.Tensor, lease: _Lease) -> bool:
     """Whether ``tensor``'s memory lies in the lease's slot (views at any offset included)."""
     storage = lease.ring.storages[lease.slot]
@@ -295,10 +312,11 @@ class RingBatch(InlineDict):
             storage = None if ring.announced[lease.slot] else _flat(ring.storages[lease.slot])
             ring.announced[lease.slot] = True
         control = None if storage is None else ring.control
-        shape, dtype = tuple(image.shape), image.dtype
+        order = _storage_order(image)
+        shape, dtype = tuple(image.shape[d] for d in order), image.dtype
         lease.tensor, lease.planes = None, {}  # the worker's last views of the slot go with this batch
         where = (ring.token, ring.pid, control, lease.slot, storage)
-        return _rebuild_ring, (*where, shape, dtype, meta, planes)
+        return _rebuild_ring, (*where, shape, dtype, meta, planes, _inverse(order))
 
 
 _PLAIN_LEAVES = (str, bytes, int, float, complex, bool, type(None), np.ndarray, np.generic)
@@ -489,10 +507,14 @@ def _rebuild_ring(
     dtype: torch.dtype,
     meta: dict[str, Any],
     planes: list[tuple[str, int, tuple[int, ...], torch.dtype]] = (),  # type: ignore[assignment]
+    order: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
+    """The batch of a slot: ``image`` is the slot's first ``shape`` elements (contiguous), shown
+    permuted by ``order`` (None: as they are; a channels-last batch is stored ``n, H, W, C``)."""
     if pid == os.getpid():  # unpickled inside the worker itself (user code pickling a batch)
         ring = _worker_ring()
-        image = _view(ring.storages[slot], shape, dtype).clone()
+        image = _view(ring.storages[slot], shape, dtype)
+        image = (image if order is None else image.permute(order)).clone()
         extra = {k: _view_at(ring.storages[slot], o, s, d).clone() for k, o, s, d in planes}
         with ring.lock:
             if storage is not None:
@@ -526,4 +548,5 @@ def _rebuild_ring(
     for viewer in (array, *arrays.values()):
         weakref.finalize(viewer, countdown.done).atexit = False
     extra = {key: torch.from_numpy(a) for key, a in arrays.items()}
-    return {"image": torch.from_numpy(array), **_unwrap(meta), **extra}
+    image = torch.from_numpy(array)
+    return {"image": image if order is None else image.permute(order), **_unwrap(meta), **extra}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from ..chunks import SmallChunk, image_array
+from ..chunks import SmallChunk, WindowRun, image_array
 from ..errors import ExtractorError
 from .batch_ring import RingBatch, _Lease, acquire_images
 from .sharding import split_evenly
@@ -72,56 +72,83 @@ class BatchBuilder:
     """Collects up to ``batch_size`` small chunks into one batch dict.
 
     The batch's images keep the dtype of the first small chunk's data; a later small chunk of another
-    dtype is refused (:class:`~bigsmall_torch.ExtractorError`), never cast.
+    dtype is refused (:class:`~bigsmall_torch.ExtractorError`), never cast. ``channels_last``: the
+    ``[n, C, H, W]`` images are stored ``n, H, W, C`` (torch's ``channels_last`` memory format), so
+    HWC patches are copied as they are instead of transposed.
     """
 
-    def __init__(self, batch_size: int) -> None:
+    def __init__(self, batch_size: int, *, channels_last: bool = False) -> None:
         self.batch_size = batch_size
+        self.channels_last = channels_last
         self._images: torch.Tensor | None = None
         self._lease: _Lease | None = None
         self._array: np.ndarray | None = None
-        self._meta: list[dict[str, Any]] = []
+        self._count = 0
+        # The metadata as columns (key -> one value per sample so far), collated by build().
+        self._columns: dict[str, list[Any]] = {}
         # Array-valued info (a tensor per sample, e.g. "mask"): written into the batch's slot
         # beside the images instead of being collated (which would allocate shared memory per batch).
         self._planes: dict[str, torch.Tensor] = {}
         self._plane_arrays: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
-        return len(self._meta)
+        return self._count
 
-    def add(self, small: SmallChunk) -> None:
-        data = image_array(small)
-        chw = data.transpose(2, 0, 1) if data.ndim == 3 else data[None]
+    def _stored(self, data: np.ndarray) -> np.ndarray:
+        """A patch as the slot stores it (CHW, or HWC when channels-last)."""
+        if self.channels_last:
+            return data if data.ndim == 3 else data[..., None]
+        return data.transpose(2, 0, 1) if data.ndim == 3 else data[None]
+
+    def _check(self, small: SmallChunk) -> np.ndarray:
+        """The first sample sizes the batch's slot; later ones must agree with it."""
+        patch = self._stored(image_array(small))
         if self._array is None:
             planes = {
                 key: ((self.batch_size, *value.shape), value.dtype)
                 for key, value in small.info.items()
                 if _plane(value)
             }
-            self._images, self._planes, self._lease = acquire_images(
-                (self.batch_size, *chw.shape), _torch_dtype(chw.dtype), planes
+            stored, self._planes, self._lease = acquire_images(
+                (self.batch_size, *patch.shape), _torch_dtype(patch.dtype), planes
             )
-            self._array = self._images.numpy()
+            self._array = stored.numpy()
+            self._images = stored.permute(0, 3, 1, 2) if self.channels_last else stored
+            if self._lease is not None:
+                self._lease.tensor = self._images
             self._plane_arrays = {key: plane.numpy() for key, plane in self._planes.items()}
-        elif chw.shape != self._array.shape[1:]:
+        elif patch.shape != self._array.shape[1:]:
             raise ExtractorError(
-                f"batched mode needs equal patch shapes: got {chw.shape} after {self._array.shape[1:]} "
-                "(CHW); use per-sample mode for patches of varying size"
+                f"batched mode needs equal patch shapes: got {patch.shape} after {self._array.shape[1:]} "
+                f"({'HWC' if self.channels_last else 'CHW'}); use per-sample mode for patches of varying size"
             )
-        elif chw.dtype != self._array.dtype:
+        elif patch.dtype != self._array.dtype:
             raise ExtractorError(
-                f"batched mode needs one dtype per batch: got a patch of dtype {chw.dtype} after "
+                f"batched mode needs one dtype per batch: got a patch of dtype {patch.dtype} after "
                 f"{self._array.dtype}; have the collector return one dtype, or use per-sample mode"
             )
-        i = len(self._meta)
-        self._array[i] = chw
-        meta: dict[str, Any] = {"patient_id": small.patient.id}
+        return patch
+
+    def _column(self, key: str) -> list[Any]:
+        column = self._columns.get(key)
+        if column is None:
+            if self._count:  # absent from the samples before
+                raise ExtractorError(f"batched mode needs {key!r} in every sample of a batch")
+            column = self._columns[key] = []
+        return column
+
+    def add(self, small: SmallChunk) -> None:
+        patch = self._check(small)
+        assert self._array is not None
+        i = self._count
+        self._array[i] = patch
+        self._column("patient_id").append(small.patient.id)
         if small.patient.label is not None:
-            meta["label"] = small.patient.label
+            self._column("label").append(small.patient.label)
         for key, value in small.info.items():
             plane = self._plane_arrays.get(key)
             if plane is None:
-                meta[key] = value
+                self._column(key).append(value)
             elif not isinstance(value, torch.Tensor) or tuple(value.shape) != plane.shape[1:] or (
                 value.dtype != self._planes[key].dtype
             ):
@@ -135,18 +162,49 @@ class BatchBuilder:
         missing = self._planes.keys() - small.info.keys()
         if missing:
             raise ExtractorError(f"batched mode needs {sorted(missing)} in every sample of a batch")
-        self._meta.append(meta)
+        self._count += 1
+
+    def add_run(self, run: WindowRun, lo: int, hi: int) -> None:
+        """Samples ``lo..hi`` of ``run``: the same batch as ``add(run.small(k))`` for each, without
+        a :class:`SmallChunk` per sample."""
+        first = run.small(lo)
+        self._check(first)
+        assert self._array is not None and run.data.ndim == 3
+        if set(self._planes) != ({"mask"} if run.labels is not None else set()):
+            raise ExtractorError(f"batched mode needs {sorted(self._planes)} in every sample of a batch")
+        i0, (width, height) = self._count, run.size
+        source = run.data if self.channels_last else run.data.transpose(2, 0, 1)
+        out, places = self._array, list(zip(run.tops[lo:hi].tolist(), run.lefts[lo:hi].tolist(), strict=True))
+        for i, (top, left) in enumerate(places, start=i0):
+            if self.channels_last:
+                out[i] = source[top : top + height, left : left + width]
+            else:
+                out[i] = source[:, top : top + height, left : left + width]
+        n = hi - lo
+        self._column("patient_id").extend([run.patient.id] * n)
+        if run.patient.label is not None:
+            self._column("label").extend([run.patient.label] * n)
+        for key in run.info:
+            self._column(key).extend(run.column(key, lo, hi))
+        if "mask" in self._plane_arrays:  # the run's labels, cut as small() cuts them
+            assert run.labels is not None
+            plane = self._plane_arrays["mask"]
+            for i, (top, left) in enumerate(places, start=i0):
+                plane[i] = run.labels[top : top + height, left : left + width]
+        self._count += n
 
     def build(self) -> dict[str, Any]:
         """The batch (``image`` [n, C, H, W] of the patches' dtype, the array-valued info as
         ``[n, ...]`` tensors, plus collated metadata); resets the builder."""
         assert self._images is not None, "build() on an empty BatchBuilder"
-        n = len(self._meta)
+        n = self._count
         full = n == self.batch_size
         images = self._images if full else self._images[:n]
         batch: dict[str, Any] = {"image": images}
-        for key in self._meta[0]:
-            batch[key] = default_collate([m[key] for m in self._meta])
+        for key, column in self._columns.items():
+            if len(column) != n:
+                raise ExtractorError(f"batched mode needs {key!r} in every sample of a batch")
+            batch[key] = default_collate(column)
         planes = {key: plane if full else plane[:n] for key, plane in self._planes.items()}
         batch.update(planes)
         if torch.utils.data.get_worker_info() is not None:  # to be pickled to the main process
@@ -156,6 +214,6 @@ class BatchBuilder:
                     key: (offset, planes[key]) for key, (offset, _) in self._lease.planes.items()
                 }
             batch = RingBatch(batch, self._lease)
-        self._planes, self._plane_arrays = {}, {}
-        self._images, self._lease, self._array, self._meta = None, None, None, []
+        self._planes, self._plane_arrays, self._columns, self._count = {}, {}, {}, 0
+        self._images, self._lease, self._array = None, None, None
         return batch

@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from .._validate import choice, optional_callable, positive_int
-from ..chunks import SmallChunk, image_array
+from ..chunks import SmallChunk, WindowRun, image_array
 from ..data import Dataset, Patient
 from ..errors import ConfigError, DatasetError, SlideError, UnusableSlidesError
 from ..io.slide import Backend, SlideCache
@@ -128,6 +128,8 @@ class StreamingDataset(IterableDataset[Any]):
 
     #: Names the front end in messages and in its states.
     kind: ClassVar[str] = "StreamingDataset"
+    #: Batched mode stores images ``n, H, W, C`` (torch's channels_last) instead of ``n, C, H, W``.
+    _channels_last: bool = False
 
     def _setup_stream(
         self,
@@ -341,10 +343,11 @@ class StreamingDataset(IterableDataset[Any]):
         return to_sample(small)
 
     def _output(
-        self, smalls: Iterator[SmallChunk], live: Live, quota: int | None
+        self, smalls: Iterator[Any], live: Live, quota: int | None
     ) -> Iterator[Any]:
-        """Samples or batches of ``smalls`` (at most ``quota`` samples), the transform applied,
-        the position committed with each output."""
+        """Samples or batches of ``smalls`` (small chunks; in batched mode also
+        :class:`~bigsmall_torch.chunks.WindowRun` s) (at most ``quota`` samples), the transform
+        applied, the position committed with each output."""
         if self.batch_size is not None:
             yield from self._batches(smalls, live, quota, self.batch_size)
             return
@@ -369,14 +372,42 @@ class StreamingDataset(IterableDataset[Any]):
                 return
 
     def _batches(
-        self, smalls: Iterator[SmallChunk], live: Live, quota: int | None, batch_size: int
+        self, smalls: Iterator[SmallChunk | WindowRun], live: Live, quota: int | None, batch_size: int
     ) -> Iterator[dict[str, Any]]:
-        builder = BatchBuilder(batch_size)
+        """Batches of ``smalls``; a :class:`~bigsmall_torch.chunks.WindowRun` among them is taken
+        as its samples, as many at a time as the batch has room for (``live.cursor`` moved past
+        each part: the run's ``cursor`` plus the samples taken)."""
+        builder = BatchBuilder(batch_size, channels_last=self._channels_last)
         stats, clock = self.last_stats, time.perf_counter
-        for count, small in enumerate(smalls, start=1):
+        count = 0
+        for item in smalls:
+            if isinstance(item, WindowRun):
+                taken = 0
+                while taken < len(item):
+                    t0 = clock()
+                    room = batch_size - len(builder)
+                    if quota is not None:
+                        room = min(room, quota - count)
+                    part = min(room, len(item) - taken)
+                    builder.add_run(item, taken, taken + part)
+                    live.samples[item.patient.id] += part
+                    if len(live.skipped) != live.reported:
+                        self._report(live)
+                    taken += part
+                    count += part
+                    live.cursor = item.cursor + taken
+                    last = quota is not None and count >= quota
+                    if len(builder) == batch_size or last:
+                        yield from self._flush(builder, live, last, t0)
+                    else:
+                        stats.emit_s += clock() - t0
+                    if last:
+                        return
+                continue
+            count += 1
             t0 = clock()
-            self._count(live, small)
-            builder.add(small)
+            self._count(live, item)
+            builder.add(item)
             last = quota is not None and count >= quota
             if len(builder) == batch_size or last:
                 yield from self._flush(builder, live, last, t0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import functools
 import hashlib
 import logging
 import math
@@ -30,7 +31,7 @@ from .._engine.sharding import split_evenly
 from .._engine.streaming import Live, StreamingDataset
 from .._validate import choice, positive_int, size_pair
 from ..annotations import patient_regions
-from ..chunks import SmallChunk, channel_planar
+from ..chunks import SmallChunk, WindowRun, channel_planar
 from ..data import Dataset, Patient
 from ..errors import ConfigError, SlideError, SlideOpenError
 from ..io.resolution import (
@@ -128,6 +129,16 @@ class Grid:
         ds = self.choice.downsample
         return to_level0(int(self.xs[col]), ds), to_level0(int(self.ys[row]), ds)
 
+    @functools.cached_property
+    def xs0(self) -> np.ndarray:
+        """Level-0 ``x`` of each column's windows (int64)."""
+        return np.array([to_level0(int(x), self.choice.downsample) for x in self.xs], dtype=np.int64)
+
+    @functools.cached_property
+    def ys0(self) -> np.ndarray:
+        """Level-0 ``y`` of each row's windows (int64)."""
+        return np.array([to_level0(int(y), self.choice.downsample) for y in self.ys], dtype=np.int64)
+
     def geometry(self) -> dict[str, Any]:
         """A JSON-ready description, to map grid cells back to slide coordinates."""
         return {
@@ -213,6 +224,10 @@ class SlidingWindowDataset(StreamingDataset):
             overlap).
         masks: with ``annotations``, add ``"mask"``: the window's ``[H, W]`` uint8 labels (0: none,
             ``k + 1``: ``classes[k]``), pixel for pixel with ``"image"``.
+        memory_format: of batched mode's ``[n, C, H, W]`` images: ``torch.contiguous_format``
+            (default) or ``torch.channels_last`` (stored ``n, H, W, C``: blocks stay as the
+            decoder writes them, which saves a transpose of every pixel; what convolutional
+            networks prefer on a GPU, and what :func:`~bigsmall_torch.extract_features` uses).
 
     Samples carry ``image``, ``patient_id``, level-0 ``x``/``y``, ``level``, ``mpp``, ``row`` and ``col``.
     """
@@ -246,6 +261,7 @@ class SlidingWindowDataset(StreamingDataset):
         annotations: str | None = None,
         classes: Sequence[str] | None = None,
         masks: bool = False,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         super().__init__()
         self.annotations, self.classes = _check_classes("SlidingWindowDataset", annotations, classes)
@@ -300,6 +316,16 @@ class SlidingWindowDataset(StreamingDataset):
             max_open_slides=max_open_slides, decode_threads=decode_threads, rank=rank,
             world_size=world_size,
         )  # fmt: skip
+        if memory_format not in (torch.contiguous_format, torch.channels_last) or (
+            memory_format is torch.channels_last and self.batch_size is None
+        ):
+            raise ConfigError(
+                "SlidingWindowDataset: memory_format must be torch.contiguous_format or "
+                "torch.channels_last, the latter with batch_size (it is a layout of [n, C, H, W] "
+                f"batches); got {memory_format!r} with batch_size={self.batch_size!r}"
+            )
+        self.memory_format = memory_format
+        self._channels_last = memory_format is torch.channels_last
         self.grids = self._make_grids()
         self._blocks = [b for i, g in enumerate(self.grids) for b in self._slide_blocks(i, g)]
         sizes = np.array([len(b.cells) for b in self._blocks], dtype=np.int64)
@@ -430,16 +456,18 @@ class SlidingWindowDataset(StreamingDataset):
         x1, y1 = int(grid.xs[cells[:, 1].max()]) + pw, int(grid.ys[cells[:, 0].max()]) + ph
         reader = self.slides.get(grid.path)
         inside_w, inside_h = min(x1, width) - x0, min(y1, height) - y0
-        data = read_at(reader, grid.choice, x0, y0, inside_w, inside_h)
+        planar = not self._channels_last  # channels-last batches copy HWC windows as they are
+        data = read_at(reader, grid.choice, x0, y0, inside_w, inside_h, planar=planar)
         if (inside_w, inside_h) != (x1 - x0, y1 - y0):
             padded = np.full((y1 - y0, x1 - x0, data.shape[2]), 255, dtype=data.dtype)
             padded[:inside_h, :inside_w] = data
             data = padded
-        return channel_planar(data), x0, y0
+        return (channel_planar(data) if planar else data), x0, y0
 
-    def _windows(self, start: int, stop: int) -> Iterator[tuple[int, SmallChunk]]:
-        """The windows ``[start, stop)`` with their index in the global order, reading each block once
-        (the next one in the background) and skipping what cannot be read when ``on_error`` says so."""
+    def _windows(self, start: int, stop: int) -> Iterator[tuple[int, WindowRun]]:
+        """The windows ``[start, stop)`` as runs of consecutive windows of one block, each with the
+        index of its first window in the global order, reading each block once (the next one in the
+        background) and skipping what cannot be read when ``on_error`` says so."""
         first = int(np.searchsorted(self._offsets, start, side="right")) - 1
         work = []  # (block, cells to emit, global index of the first of them)
         for index in range(max(first, 0), len(self._blocks)):
@@ -463,8 +491,7 @@ class SlidingWindowDataset(StreamingDataset):
                     pool.submit(self._read_block, *work[i + 1][:2]) if i + 1 < len(work) else None
                 )
                 for offset, part, (data, x0, y0) in pieces:
-                    for k, small in enumerate(self._crop(block, part, data, x0, y0)):
-                        yield base + offset + k, small
+                    yield base + offset, self._run(block, part, data, x0, y0)
 
     def _salvage(
         self, block: _Block, cells: np.ndarray, base: int, exc: SlideError
@@ -520,36 +547,29 @@ class SlidingWindowDataset(StreamingDataset):
             str(exc),  # not exc: a record keeping it would keep its frames alive
         )
 
-    def _crop(
+    def _run(
         self, block: _Block, cells: np.ndarray, data: np.ndarray, x0: int, y0: int
-    ) -> Iterator[SmallChunk]:
+    ) -> WindowRun:
+        """The windows ``cells`` of ``data`` (the pixels of ``block`` from ``(x0, y0)``)."""
         grid = self.grids[block.slide]
         patient: Patient = self.dataset.patients[block.slide]
-        pw, ph = grid.patch_size
-        mpp = grid.choice.mpp
         ds = grid.choice.downsample
-        block_info = {"x": to_level0(x0, ds), "y": to_level0(y0, ds)}
+        rows, cols = cells[:, 0], cells[:, 1]
+        info: dict[str, Any] = {
+            "x": grid.xs0[cols], "y": grid.ys0[rows], "level": grid.choice.level,
+            "mpp": grid.choice.mpp, "row": rows.astype(np.int64), "col": cols.astype(np.int64),
+        }  # fmt: skip
+        if grid.targets is not None:
+            info["target"] = grid.targets[rows, cols].astype(np.int64)
         labels = None
         if self.masks:
             reader = self.slides.get(grid.path)
             regions = patient_regions(patient.record(self.annotations or ""), self.classes, reader)
             labels = regions.rasterize(x0 * ds, y0 * ds, data.shape[1], data.shape[0], ds)
-        for row, col in cells:
-            cx, cy = int(grid.xs[col]) - x0, int(grid.ys[row]) - y0
-            lx, ly = grid.level0(int(row), int(col))
-            info: dict[str, Any] = {
-                "x": lx,
-                "y": ly,
-                "level": grid.choice.level,
-                "mpp": mpp,
-                "row": int(row),
-                "col": int(col),
-            }
-            if grid.targets is not None:
-                info["target"] = int(grid.targets[row, col])
-            if labels is not None:
-                info["mask"] = torch.from_numpy(labels[cy : cy + ph, cx : cx + pw].copy())
-            yield SmallChunk(data[cy : cy + ph, cx : cx + pw], info, block_info, patient)
+        return WindowRun(
+            data, grid.ys[rows] - y0, grid.xs[cols] - x0, grid.patch_size, info,
+            {"x": to_level0(x0, ds), "y": to_level0(y0, ds)}, patient, labels,
+        )  # fmt: skip
 
     # -- the stream (the core does state, output and topology) ---------------------------------
 
@@ -588,12 +608,20 @@ class SlidingWindowDataset(StreamingDataset):
             self.slides.release()
             self._report(live)
 
-    def _positioned(self, start: int, stop: int, first: int, live: Live) -> Iterator[SmallChunk]:
+    def _positioned(
+        self, start: int, stop: int, first: int, live: Live
+    ) -> Iterator[SmallChunk | WindowRun]:
         """The windows ``[start, stop)``, moving ``live.cursor`` (the worker's position: windows
-        yielded or skipped) past each."""
-        for index, small in self._windows(start, stop):
-            live.cursor = index + 1 - first
-            yield small
+        yielded or skipped) past each: per-sample mode, one small chunk at a time; batched mode, as
+        runs (the core moves the cursor as it takes their windows)."""
+        for index, run in self._windows(start, stop):
+            if self.batch_size is not None:
+                run.cursor = index - first
+                yield run
+                continue
+            for k in range(len(run)):
+                live.cursor = index + k + 1 - first
+                yield run.small(k)
 
     def __repr__(self) -> str:
         return (

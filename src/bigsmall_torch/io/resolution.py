@@ -147,15 +147,19 @@ def extent(info: SlideInfo, choice: LevelChoice) -> tuple[int, int]:
     return int(info.dimensions[0] // choice.downsample), int(info.dimensions[1] // choice.downsample)
 
 
-def read_at(reader: SlideReader, choice: LevelChoice, x: int, y: int, width: int, height: int) -> np.ndarray:
+def read_at(
+    reader: SlideReader, choice: LevelChoice, x: int, y: int, width: int, height: int, *,
+    planar: bool = True,
+) -> np.ndarray:  # fmt: skip
     """The ``height x width`` region whose top-left is ``(x, y)`` in pixels of the chosen resolution.
 
     Read from ``choice.level`` and resampled when the level's scale differs from the asked one. The
-    region must lie inside :func:`extent`.
+    region must lie inside :func:`extent`. ``planar``: channel-planar memory where the reader can
+    write it directly (see :func:`~bigsmall_torch.chunks.channel_planar`), else as read.
     """
     x0, y0 = to_level0(x, choice.downsample), to_level0(y, choice.downsample)
     if not choice.resampled:
-        return reader.read(x0, y0, choice.level, width, height, planar=True)
+        return reader.read(x0, y0, choice.level, width, height, planar=planar)
     info = reader.info
     level_ds = info.level_downsamples[choice.level]
     lw, lh = info.level_dimensions[choice.level]

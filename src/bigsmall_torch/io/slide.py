@@ -13,6 +13,7 @@ import logging
 import math
 import numbers
 import os
+import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -191,6 +192,11 @@ def _check_tiff_levels(tif: Any, path: Path) -> tuple[int, int]:
     Returns the level-0 tile size.
     """
     size = path.stat().st_size
+    if not isinstance(path, RemotePath):  # (the chain walk would fetch every IFD's block)
+        with open(path, "rb") as f:
+            why = _truncated_ifds(f, size)
+        if why is not None:
+            raise ValueError(why)
     levels = tif.series[0].levels
     for index, level in enumerate(levels):
         page = level.keyframe
@@ -208,6 +214,56 @@ def _check_tiff_levels(tif: Any, path: Path) -> tuple[int, int]:
             )
     page = levels[0].keyframe
     return int(page.tilewidth), int(page.tilelength)
+
+
+def _truncated_ifds(f: Any, size: int) -> str | None:
+    """Why a (Big)TIFF is cut short, walking its chain of IFDs from the header; None if it is not, or
+    if the file is not a TIFF (a chain with a cycle, the readers' concern, ends the walk).
+
+    tifffile stops at an IFD it cannot read, with a logged error, and lists the pages before it, so
+    a file cut at an IFD (an interrupted copy or download) would open with levels missing; cut
+    inside an IFD, it is reported as a corrupted tag list.
+    """
+    head = f.read(16)
+    if head[:4] in (b"II*\0", b"MM\0*"):
+        count_fmt, tag_size, offset_fmt, first = "H", 12, "I", 4
+    elif head[:4] in (b"II+\0", b"MM\0+"):
+        count_fmt, tag_size, offset_fmt, first = "Q", 20, "Q", 8
+    else:
+        return None
+    order = "<" if head[:1] == b"I" else ">"
+    count_size, offset_size = struct.calcsize(count_fmt), struct.calcsize(offset_fmt)
+    if len(head) < first + offset_size:
+        return f"the file is truncated: it ends inside the TIFF header ({size} bytes)"
+    following = struct.unpack_from(order + offset_fmt, head, first)[0]
+    seen: set[int] = set()
+    while following and following not in seen and len(seen) < 100_000:
+        seen.add(following)
+        f.seek(following)
+        raw = f.read(count_size)
+        end = following + count_size
+        if len(raw) == count_size:
+            end += struct.unpack(order + count_fmt, raw)[0] * tag_size + offset_size
+        if end > size:
+            return (
+                f"the file is truncated: an IFD (a level or image) at byte {following} ends at "
+                f"byte {end} but the file has {size}"
+            )
+        f.seek(end - offset_size)
+        following = struct.unpack(order + offset_fmt, f.read(offset_size))[0]
+    return None
+
+
+def _past_the_end(exc: Exception, path: Path) -> Exception:
+    """``exc``, or a ValueError naming the truncation when ``path`` is a TIFF cut short."""
+    if str(exc).startswith("the file is truncated"):
+        return exc
+    try:
+        with open(path, "rb") as f:
+            why = _truncated_ifds(f, os.fstat(f.fileno()).st_size)
+    except (OSError, struct.error):  # unreadable or gone meanwhile: the reader's reason stands
+        return exc
+    return exc if why is None else ValueError(f"{why} ({exc})")
 
 
 class _TiffSlideReader(_ReaderBase):
@@ -444,6 +500,8 @@ def open_slide(
         except RemoteError as exc:  # the store failed, not the format: say so as it is
             raise _open_error(exc, [candidate.value]) from exc
         except Exception as exc:  # each backend refuses in its own exception types
+            if not isinstance(file, RemotePath):
+                exc = _past_the_end(exc, file)
             reasons.append(f"{candidate.value}: {exc}")
             continue
         if not reader.info.level_dimensions or min(reader.info.dimensions) <= 0:
