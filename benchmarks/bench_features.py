@@ -137,7 +137,7 @@ RESNET = "ResNet-18"
 class ChannelMeans(torch.nn.Module):
     """``[n, 3]`` float32 per-channel means of a uint8 ``[n, 3, H, W]`` batch on the CPU.
 
-    Summed by numpy with a uint32 accumulator (about 3 ms a batch of 64, 5 ms channels-last): torch's own uint8
+    Summed exactly by numpy (about 2 ms a batch of 64 in either memory format): torch's own uint8
     reductions (``x.mean(dim=(2, 3), dtype=torch.float32)``, ``x.float().mean(...)``) take 20-70 ms
     a batch on this 2-core machine and would make the "I/O-bound" model the bottleneck.
     """
@@ -148,8 +148,10 @@ class ChannelMeans(torch.nn.Module):
         if pixels.flags.c_contiguous:
             sums = pixels.reshape(n, c, h * w).sum(axis=-1, dtype=np.uint32)
         else:  # channels-last (n, H, W, C in memory): rows first, then the columns of each channel
-            rows = pixels.transpose(0, 2, 3, 1).reshape(n, h, w * c).sum(axis=1, dtype=np.uint32)
-            sums = rows.reshape(n, w, c).sum(axis=1)
+            exact16 = h * 255 < 1 << 16  # the row sums fit in 16 bits (about 1.5x faster than 32)
+            rows = pixels.transpose(0, 2, 3, 1).reshape(n, h, w * c)
+            rows = rows.sum(axis=1, dtype=np.uint16 if exact16 else np.uint32)
+            sums = rows.reshape(n, w, c).sum(axis=1, dtype=np.uint32)
         return torch.from_numpy(sums.astype(np.float32) / (h * w))
 
 
@@ -1021,7 +1023,11 @@ def gpu(args: argparse.Namespace, device: torch.device | None = None) -> str:
     model = resnet(50).to(device)
     preprocess = bst.TimmPreprocess((PATCH, PATCH), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     preprocess = preprocess.to(device)
-    ds = bst.SlidingWindowDataset(_patients(path), PATCH, level=0, batch_size=args.batch_size)
+    # The batches extract_features makes (channels-last, its default), for the model-alone row.
+    ds = bst.SlidingWindowDataset(
+        _patients(path), PATCH, level=0, batch_size=args.batch_size,
+        memory_format=torch.channels_last,
+    )  # fmt: skip
     loader = DataLoader(ds, batch_size=None, num_workers=args.gpu_workers, pin_memory=cuda)
     resident = [batch["image"].to(device, non_blocking=True) for batch in loader]
     sync()

@@ -179,6 +179,35 @@ def test_bad_arguments(cohort: tuple[Path, bst.Dataset], tmp_path: Path) -> None
         bst.extract_features(slides, Means(), tmp_path, num_workers=-1)
     with pytest.raises(bst.ConfigError, match=r"exactly one|level"):
         bst.extract_features(slides, Means(), tmp_path, level=0, mpp=0.5)
+    with pytest.raises(bst.ConfigError, match="memory_format must be"):
+        bst.extract_features(slides, Means(), tmp_path, memory_format=torch.preserve_format)
+
+
+class LayoutMeans(Means):
+    """Means, noting whether each batch came channels-last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channels_last: list[bool] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.channels_last.append(images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous())
+        return super().forward(images)
+
+
+def test_batches_are_channels_last_unless_asked(cohort: tuple[Path, bst.Dataset], tmp_path: Path) -> None:
+    _, slides = cohort
+    one = bst.Dataset("one", slides.patients[:1])
+    bags = {}
+    for name, fmt in [("last", torch.channels_last), ("contiguous", torch.contiguous_format)]:
+        model = LayoutMeans()
+        options: dict[str, Any] = {} if name == "last" else {"memory_format": fmt}
+        bst.extract_features(one, model, tmp_path / name, patch_size=128, level=0, tissue_only=False,
+                             dtype="float32", num_workers=2, batch_size=16, progress=False, **options)  # fmt: skip
+        assert model.channels_last and set(model.channels_last) == {name == "last"}
+        bags[name] = bst.read_bag(feature_path(tmp_path / name, one.patients[0].id))
+    np.testing.assert_array_equal(bags["last"]["features"], bags["contiguous"]["features"])
+    np.testing.assert_array_equal(bags["last"]["coords"], bags["contiguous"]["coords"])
 
 
 def test_integer_patient_ids(cohort: tuple[Path, bst.Dataset], tmp_path: Path) -> None:

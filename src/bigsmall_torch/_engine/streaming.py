@@ -279,9 +279,10 @@ class StreamingDataset(IterableDataset[Any]):
         """
         return self._reports.epoch_report(self.epoch if epoch is None else int(epoch))
 
-    def _count(self, live: Live, small: SmallChunk) -> None:
-        """Count ``small`` for its patient, and report skips that happened since the last report."""
-        live.samples[small.patient.id] += 1
+    def _count(self, live: Live, small: SmallChunk | WindowRun, samples: int = 1) -> None:
+        """Count ``samples`` of ``small`` for its patient, and report skips that happened since the
+        last report."""
+        live.samples[small.patient.id] += samples
         if len(live.skipped) != live.reported:
             self._report(live)
 
@@ -381,40 +382,27 @@ class StreamingDataset(IterableDataset[Any]):
         stats, clock = self.last_stats, time.perf_counter
         count = 0
         for item in smalls:
-            if isinstance(item, WindowRun):
-                taken = 0
-                while taken < len(item):
-                    t0 = clock()
+            taken, total = 0, len(item) if isinstance(item, WindowRun) else 1
+            while taken < total:
+                t0 = clock()
+                if isinstance(item, WindowRun):
                     room = batch_size - len(builder)
-                    if quota is not None:
-                        room = min(room, quota - count)
-                    part = min(room, len(item) - taken)
+                    part = min(room if quota is None else min(room, quota - count), total - taken)
                     builder.add_run(item, taken, taken + part)
-                    live.samples[item.patient.id] += part
-                    if len(live.skipped) != live.reported:
-                        self._report(live)
-                    taken += part
-                    count += part
-                    live.cursor = item.cursor + taken
-                    last = quota is not None and count >= quota
-                    if len(builder) == batch_size or last:
-                        yield from self._flush(builder, live, last, t0)
-                    else:
-                        stats.emit_s += clock() - t0
-                    if last:
-                        return
-                continue
-            count += 1
-            t0 = clock()
-            self._count(live, item)
-            builder.add(item)
-            last = quota is not None and count >= quota
-            if len(builder) == batch_size or last:
-                yield from self._flush(builder, live, last, t0)
-            else:
-                stats.emit_s += clock() - t0
-            if last:
-                return
+                    live.cursor = item.cursor + taken + part
+                else:
+                    part = 1
+                    builder.add(item)
+                self._count(live, item, part)
+                taken += part
+                count += part
+                last = quota is not None and count >= quota
+                if len(builder) == batch_size or last:
+                    yield from self._flush(builder, live, last, t0)
+                else:
+                    stats.emit_s += clock() - t0
+                if last:
+                    return
         if len(builder):  # the stream ended before a quota (e.g. the last windows of a range)
             yield from self._flush(builder, live, False, clock())
 
