@@ -77,8 +77,8 @@ _original_init = _dataloader._MultiProcessingDataLoaderIter.__init__
 
 
 def _tracked_init(self: _dataloader._MultiProcessingDataLoaderIter, *args: object, **kwargs: object) -> None:
-    _LIVE_ITERATORS.add(self)
     _original_init(self, *args, **kwargs)
+    _LIVE_ITERATORS.add(self)  # once whole: a failed __init__ leaves nothing to shut down
 
 
 _dataloader._MultiProcessingDataLoaderIter.__init__ = _tracked_init  # type: ignore[method-assign]

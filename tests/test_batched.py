@@ -646,3 +646,33 @@ def test_slots_hold_any_dtype_that_fits(monkeypatch: pytest.MonkeyPatch) -> None
     assert take(2000) == (0, 4000)  # the smallest slot that fits
     assert take(8000) == (1, 8000)  # the same size
     assert take(16000) == (0, 16000)  # no room left and none fits: a free one is resized
+
+
+class PatchLabelCollector(bst.RandomCropCollector):
+    """Crops whose info carries their own ``label`` (the x coordinate's parity)."""
+
+    def extract_smallchunk(
+        self, call_count: int, bigchunk: BigChunk, ctx: ChunkContext
+    ) -> SmallChunk | None:
+        small = super().extract_smallchunk(call_count, bigchunk, ctx)
+        if small is not None:
+            small.info["label"] = int(small.info["x"]) % 2
+        return small
+
+
+def test_a_label_in_info_wins_over_the_patients_and_mixed_labels_are_refused(slide_folder: Path) -> None:
+    patients = [bst.Patient(p.id, p.records, label=9) for p in bst.Dataset.from_folder(slide_folder, pattern="*.tiff")]
+    labelled = bst.Dataset("labelled", patients)
+    options: dict[str, Any] = dict(buffer_size=3, smallchunks_per_bigchunk=16, samples_per_epoch=64, seed=7)
+
+    def build(dataset: bst.Dataset, collector: Any, **extra: Any) -> bst.BigSmallDataset:
+        return bst.BigSmallDataset(dataset, bst.RandomRegionLoader(512), collector, **options, **extra)
+
+    per_sample = list(DataLoader(build(labelled, PatchLabelCollector(64)), batch_size=16))
+    batched = list(DataLoader(build(labelled, PatchLabelCollector(64), batch_size=16), batch_size=None))
+    for a, b in zip(per_sample, batched, strict=True):  # as a sample dict: info's label replaces the patient's
+        assert torch.equal(a["label"], b["label"]) and torch.equal(b["label"], b["x"] % 2)
+    # Some patients labelled, some not, in one batch: a clear error, not a batch without labels.
+    mixed = bst.Dataset("mixed", [bst.Patient(p.id, p.records, label=i % 2 or None) for i, p in enumerate(patients)])
+    with pytest.raises(bst.ExtractorError, match="mixes patients with and without a label"):
+        list(DataLoader(build(mixed, bst.RandomCropCollector(64), batch_size=16), batch_size=None))

@@ -616,7 +616,7 @@ def _usage(children: bool, ignore: frozenset[int] | set[int] = frozenset()) -> U
 
 MIB = 1 << 20
 # 18 iterations lie between the two measurements: a leak of one thread or file descriptor, or of
-# about 1.5 MiB, per iteration exceeds these.
+# about 1.4 MiB, per iteration exceeds these.
 THREAD_SLACK, FD_SLACK, RSS_SLACK = 3, 8, 24 * MIB
 ITERATIONS, FIRST_CHECK = 24, 6
 

@@ -68,6 +68,15 @@ def _plane(value: Any) -> bool:
     return True
 
 
+def _missing(key: str) -> str:
+    if key == "label":
+        return (
+            "batched mode needs 'label' in every sample of a batch or in none: a batch mixes "
+            "patients with and without a label; give every patient a label (or None to all)"
+        )
+    return f"batched mode needs {key!r} in every sample of a batch"
+
+
 class BatchBuilder:
     """Collects up to ``batch_size`` small chunks into one batch dict.
 
@@ -133,7 +142,7 @@ class BatchBuilder:
         column = self._columns.get(key)
         if column is None:
             if self._count:  # absent from the samples before
-                raise ExtractorError(f"batched mode needs {key!r} in every sample of a batch")
+                raise ExtractorError(_missing(key))
             column = self._columns[key] = []
         return column
 
@@ -143,7 +152,7 @@ class BatchBuilder:
         i = self._count
         self._array[i] = patch
         self._column("patient_id").append(small.patient.id)
-        if small.patient.label is not None:
+        if small.patient.label is not None and "label" not in small.info:  # info's own wins
             self._column("label").append(small.patient.label)
         for key, value in small.info.items():
             plane = self._plane_arrays.get(key)
@@ -182,7 +191,7 @@ class BatchBuilder:
                 out[i] = source[:, top : top + height, left : left + width]
         n = hi - lo
         self._column("patient_id").extend([run.patient.id] * n)
-        if run.patient.label is not None:
+        if run.patient.label is not None and "label" not in run.info:
             self._column("label").extend([run.patient.label] * n)
         for key in run.info:
             self._column(key).extend(run.column(key, lo, hi))
@@ -203,7 +212,7 @@ class BatchBuilder:
         batch: dict[str, Any] = {"image": images}
         for key, column in self._columns.items():
             if len(column) != n:
-                raise ExtractorError(f"batched mode needs {key!r} in every sample of a batch")
+                raise ExtractorError(_missing(key))
             batch[key] = default_collate(column)
         planes = {key: plane if full else plane[:n] for key, plane in self._planes.items()}
         batch.update(planes)
