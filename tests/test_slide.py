@@ -137,3 +137,24 @@ def test_planar_reads_hold_the_same_pixels(slide_folder: Path) -> None:
     converted = channel_planar(hwc)
     assert np.array_equal(converted, hwc) and converted.transpose(2, 0, 1).flags.c_contiguous
     reader.close()
+
+
+@pytest.mark.parametrize(("bigtiff", "byteorder"), [(False, ">"), (True, "<"), (True, ">")])
+def test_the_ifd_walk_reads_bigtiff_and_big_endian_files(tmp_path: Path, bigtiff: bool, byteorder: str) -> None:
+    import io
+
+    import tifffile
+
+    from bigsmall_torch.io.slide import _truncated_ifds
+
+    path = tmp_path / "two.tiff"
+    for _ in range(2):
+        tifffile.imwrite(path, np.zeros((64, 64, 3), np.uint8), bigtiff=bigtiff, byteorder=byteorder,
+                         tile=(16, 16), append=True)  # fmt: skip
+    with tifffile.TiffFile(path) as tif:
+        second = tif.pages[1].offset
+    data = path.read_bytes()
+    assert _truncated_ifds(io.BytesIO(data), len(data)) is None
+    cut = data[: second + 4]
+    why = _truncated_ifds(io.BytesIO(cut), len(cut))
+    assert why is not None and f"an IFD (a level or image) at byte {second} ends at byte" in why

@@ -234,7 +234,7 @@ def _truncated_ifds(f: Any, size: int) -> str | None:
     else:
         return None
     order = "<" if head[:1] == b"I" else ">"
-    count_size, offset_size = struct.calcsize(count_fmt), struct.calcsize(offset_fmt)
+    count_size, offset_size = struct.calcsize(order + count_fmt), struct.calcsize(order + offset_fmt)
     if len(head) < first + offset_size:
         return f"the file is truncated: it ends inside the TIFF header ({size} bytes)"
     following = struct.unpack_from(order + offset_fmt, head, first)[0]
