@@ -126,8 +126,7 @@ class Grid:
 
     def level0(self, row: int, col: int) -> tuple[int, int]:
         """Level-0 ``(x, y)`` of the window at ``(row, col)``."""
-        ds = self.choice.downsample
-        return to_level0(int(self.xs[col]), ds), to_level0(int(self.ys[row]), ds)
+        return int(self.xs0[col]), int(self.ys0[row])
 
     @functools.cached_property
     def xs0(self) -> np.ndarray:

@@ -502,8 +502,8 @@ def open_slide(
         except RemoteError as exc:  # the store failed, not the format: say so as it is
             raise _open_error(exc, [candidate.value]) from exc
         except Exception as exc:  # each backend refuses in its own exception types
-            if not isinstance(file, RemotePath):
-                exc = _past_the_end(exc, file)
+            if candidate is Backend.TIFFSLIDE and not isinstance(file, RemotePath):
+                exc = _past_the_end(exc, file)  # the TIFF reader's reason says it once
             reasons.append(f"{candidate.value}: {exc}")
             continue
         if not reader.info.level_dimensions or min(reader.info.dimensions) <= 0:
