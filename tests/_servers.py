@@ -40,6 +40,7 @@ class _Faults:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str, str]] = []  # (method, path, Range header)
+        self.agents: list[str] = []  # the User-Agent header of each request, in the same order
         self.latency_s = 0.0
         self._failures: list[list[Any]] = []  # [substring, status, times left, code]
 
@@ -51,6 +52,7 @@ class _Faults:
     def reset(self) -> None:
         with self.lock:
             self.requests.clear()
+            self.agents.clear()
             self._failures.clear()
 
     def count(self, method: str | None = None, substring: str = "") -> int:
@@ -59,10 +61,19 @@ class _Faults:
                 1 for m, p, _ in self.requests if (method is None or m == method) and substring in p
             )
 
-    def admit(self, method: str, path: str, range_: str) -> tuple[int, str] | None:
+    def clients(self, method: str, substring: str = "") -> list[str]:
+        """The User-Agent of each request counted by ``count(method, substring)``."""
+        with self.lock:
+            return [
+                agent for (m, p, _), agent in zip(self.requests, self.agents, strict=True)
+                if m == method and substring in p
+            ]  # fmt: skip
+
+    def admit(self, method: str, path: str, range_: str, agent: str = "") -> tuple[int, str] | None:
         """Record a request; the (status, code) to fail it with, or None."""
         with self.lock:
             self.requests.append((method, path, range_))
+            self.agents.append(agent)
             latency = self.latency_s
             failure = None
             for entry in self._failures:
@@ -97,6 +108,9 @@ class _Handler(BaseHTTPRequestHandler):
             faults.reset()
         elif command == "latency":
             faults.latency_s = float(body["seconds"])
+        elif command == "agents":
+            with faults.lock:
+                answer = list(faults.agents)
         elif command == "requests":
             with faults.lock:
                 answer = list(faults.requests)
@@ -111,7 +125,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _injected(self) -> bool:
         if self._control():
             return True
-        failure = self.server.faults.admit(self.command, self.path, self.headers.get("Range", ""))
+        failure = self.server.faults.admit(
+            self.command, self.path, self.headers.get("Range", ""), self.headers.get("User-Agent", "")
+        )
         if failure is None:
             return False
         status, code = failure
@@ -286,6 +302,16 @@ class _Controls:
         return sum(1 for m, p, _ in self.requests if (method is None or m == method) and substring in p)
 
     @property
+    def agents(self) -> list[str]:
+        """The User-Agent of every request answered since the last reset (as ``requests``)."""
+        return list(self._post("agents"))
+
+    def clients(self, method: str, substring: str = "") -> list[str]:
+        """The User-Agent of each request counted by ``count(method, substring)``."""
+        requests, agents = self.requests, self.agents
+        return [agent for (m, p, _), agent in zip(requests, agents, strict=True) if m == method and substring in p]
+
+    @property
     def latency_s(self) -> float:
         raise AttributeError("latency_s can only be set")
 
@@ -386,9 +412,9 @@ _SETUP_ACTIONS = 3
 
 
 @contextlib.contextmanager
-def moto_server() -> Iterator[Moto]:
-    """moto's S3 server (``python -m moto.server``) with IAM authentication, and a user with a
-    key allowed ``s3:*``; stopped on exit."""
+def moto_server(module: str = "moto.server", cwd: Path | None = None) -> Iterator[Moto]:
+    """moto's S3 server (``python -m moto.server``, or ``module`` taking its arguments, run in
+    ``cwd``) with IAM authentication, and a user with a key allowed ``s3:*``; stopped on exit."""
     import boto3
 
     port = _free_port()
@@ -397,8 +423,8 @@ def moto_server() -> Iterator[Moto]:
         if name.startswith("AWS_"):
             del env[name]
     process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", module, "-H", "127.0.0.1", "-p", str(port)],
+        env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     endpoint = f"http://127.0.0.1:{port}"
     try:

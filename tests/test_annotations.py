@@ -510,6 +510,30 @@ def test_batched_masks_travel_in_the_batch_slot(painted: dict[str, Path], transf
             assert int(b["target"][i]) == int(b["mask"][i, 16, 16]) - 1
 
 
+def test_per_sample_masks_travel_in_the_workers_slots(painted: dict[str, Path]) -> None:
+    """Per-sample mode: default_collate stacks images and masks into the worker's slots; batches
+    kept past the slots' number keep their masks, equal to torch's own collate and to the paint."""
+    def dataset() -> bst.BigSmallDataset:
+        loader = bst.RandomRegionLoader(256, annotations="annotations", classes=list(CLASSES))
+        return bst.BigSmallDataset(cohort(painted), loader, bst.RandomCropCollector(32, masks=True),
+                                   buffer_size=2, smallchunks_per_bigchunk=8, samples_per_epoch=8 * 40,
+                                   seed=3)  # fmt: skip
+
+    def plain_collate(batch: list[dict[str, Any]]) -> Any:
+        return torch.utils.data.default_collate([dict(sample) for sample in batch])
+
+    kept = list(DataLoader(dataset(), batch_size=8, num_workers=2))
+    reference = list(DataLoader(dataset(), batch_size=8, num_workers=2, collate_fn=plain_collate))
+    assert len(kept) == len(reference) == 40  # more than a worker's 16 slots
+    for b, r in zip(kept, reference, strict=True):
+        assert b["mask"].shape == (8, 32, 32) and b["mask"].dtype == torch.uint8
+        assert torch.equal(b["mask"], r["mask"]) and torch.equal(b["image"], r["image"])
+        assert torch.equal(b["target"], r["target"]) and torch.equal(b["x"], r["x"])
+        for i in range(8):
+            paint = rg.painted_class(b["image"][i].numpy(), CLASSES)
+            assert (paint == b["mask"][i].numpy()).mean() > 0.9
+
+
 # -- a real slide ---------------------------------------------------------------------------------
 
 

@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 import bigsmall_torch as bst
 from bigsmall_torch._engine import batch_ring as _batch_ring
-from bigsmall_torch._engine.batching import batched_quota
+from bigsmall_torch._engine.batch_ring import InlineDict
+from bigsmall_torch._engine.batching import batched_quota, collate_samples
 from bigsmall_torch.chunks import BigChunk, ChunkContext, SmallChunk
 
 
@@ -676,3 +677,157 @@ def test_a_label_in_info_wins_over_the_patients_and_mixed_labels_are_refused(sli
     mixed = bst.Dataset("mixed", [bst.Patient(p.id, p.records, label=i % 2 or None) for i, p in enumerate(patients)])
     with pytest.raises(bst.ExtractorError, match="mixes patients with and without a label"):
         list(DataLoader(build(mixed, bst.RandomCropCollector(64), batch_size=16), batch_size=None))
+
+
+# -- per-sample mode: the DataLoader's default_collate into the worker's slots ------------------
+
+
+def torch_collate(batch: list[dict[str, Any]]) -> Any:
+    """torch's own ``default_collate`` (fresh shared memory per tensor), on plain dicts so that the
+    package's ``collate_samples`` is not used."""
+    return default_collate([dict(sample) for sample in batch])
+
+
+def assert_same_batch(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+    assert isinstance(ours, dict) and list(ours) == list(theirs)
+    for key, value in theirs.items():
+        if isinstance(value, torch.Tensor):
+            got = ours[key]
+            assert isinstance(got, torch.Tensor), key
+            assert (got.dtype, got.shape) == (value.dtype, value.shape), key
+            assert got.is_contiguous() and torch.equal(got, value), key
+        else:
+            assert ours[key] == value, key
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_per_sample_batches_are_torch_default_collate(slide_folder: Path, num_workers: int) -> None:
+    ours = list(DataLoader(make(slide_folder), batch_size=32, num_workers=num_workers))
+    loader = DataLoader(make(slide_folder), batch_size=32, num_workers=num_workers, collate_fn=torch_collate)
+    theirs = list(loader)
+    assert len(ours) == len(theirs) == 8
+    for a, b in zip(ours, theirs, strict=True):
+        assert_same_batch(a, b)
+    assert theirs[0]["image"].is_shared() == (num_workers > 0)  # torch's path: a segment per batch
+
+
+def test_per_sample_batches_reuse_the_workers_slots(slide_folder: Path) -> None:
+    loader = DataLoader(make(slide_folder, samples_per_epoch=320), batch_size=8, num_workers=2)
+    before, addresses, got, rings = set(_batch_ring._MAPPED), [], [], {}
+    for batch in loader:
+        addresses.append(batch["image"].data_ptr())
+        got.extend(flatten([batch]))
+        rings.update(new_rings(before))  # while the workers run (their rings are unmapped after)
+        del batch  # hands the slot back
+    assert len(addresses) == 40 and len(set(addresses)) <= 2 * 8  # a few slots, not 40 segments
+    assert len(rings) == 2  # both workers' rings reached the main process
+    reference = DataLoader(make(slide_folder, samples_per_epoch=320), batch_size=8, num_workers=2,
+                           collate_fn=torch_collate)  # fmt: skip
+    assert got == flatten(list(reference))
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_kept_per_sample_batches_are_never_overwritten(slide_folder: Path, context: str) -> None:
+    """The collate is registered in spawned workers too, and keeping every batch (more than the
+    slots) gives later batches memory of their own."""
+    loader = DataLoader(make(slide_folder, samples_per_epoch=160), batch_size=8, num_workers=2,
+                        worker_init_fn=two_slots, multiprocessing_context=context)  # fmt: skip
+    before, kept, rings = set(_batch_ring._MAPPED), [], {}
+    for batch in loader:
+        kept.append(batch)
+        rings.update(new_rings(before))
+    assert len(rings) == 2 and all(set(m.slots) == {0, 1} for m in rings.values())
+    assert len({b["image"].data_ptr() for b in kept}) == 20
+    reference = DataLoader(make(slide_folder, samples_per_epoch=160), batch_size=8, num_workers=2,
+                           collate_fn=torch_collate)  # fmt: skip
+    assert flatten(kept) == flatten(list(reference))
+
+
+class Samples(IterableDataset[Any]):
+    """Yields the given samples as the package's sample dicts (``InlineDict``)."""
+
+    def __init__(self, samples: list[dict[str, Any]]) -> None:
+        self.samples = samples
+
+    def __iter__(self) -> Any:
+        return (InlineDict(sample) for sample in self.samples)
+
+
+def _image(value: int, size: int = 8) -> torch.Tensor:
+    return torch.full((3, size, size), value, dtype=torch.uint8)
+
+
+def _both(samples: list[dict[str, Any]]) -> tuple[Any, Any]:
+    """One batch of ``samples`` collated in a worker by the package and by torch: each the batch,
+    or the exception raised."""
+    results = []
+    for collate_fn in (None, torch_collate):
+        loader = DataLoader(Samples(samples), batch_size=len(samples), num_workers=1,
+                            **({} if collate_fn is None else {"collate_fn": collate_fn}))  # fmt: skip
+        try:
+            results.append(next(iter(loader)))
+        except Exception as exc:  # compared below
+            results.append(exc)
+    return results[0], results[1]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["mixed sizes", "numpy images", "mixed mask dtypes", "a sample without mask", "masks and extras",
+     "a tensor with grad"],
+)
+def test_collate_samples_is_default_collate_for_any_samples(case: str) -> None:
+    mask = torch.ones(8, 8, dtype=torch.uint8)
+    samples = {
+        "mixed sizes": [{"image": _image(1)}, {"image": _image(2, size=9)}],
+        "numpy images": [{"image": _image(i).numpy(), "x": i} for i in range(3)],
+        "mixed mask dtypes": [{"image": _image(i), "mask": mask.to(dtype)} for i, dtype in
+                              enumerate([torch.uint8, torch.int64])],
+        "a sample without mask": [{"image": _image(1), "mask": mask}, {"image": _image(2)}],
+        "masks and extras": [
+            {"image": _image(i), "mask": mask * i, "x": i, "name": f"s{i}", "mpp": 0.5,
+             "scores": torch.arange(4.0) + i}
+            for i in range(4)
+        ],
+        "a tensor with grad": [{"image": _image(i), "w": torch.zeros(2, requires_grad=True)} for i in range(2)],
+    }[case]  # fmt: skip
+    ours, theirs = _both(samples)
+    if isinstance(theirs, Exception):
+        assert type(ours) is type(theirs) and str(theirs).splitlines()[-1] in str(ours)
+    else:
+        assert not isinstance(ours, Exception), ours
+        assert list(ours) == list(theirs)
+        for key, value in theirs.items():
+            if isinstance(value, torch.Tensor):
+                assert ours[key].dtype == value.dtype and torch.equal(ours[key].detach(), value.detach())
+            else:
+                assert ours[key] == value
+
+
+def test_collate_samples_outside_a_worker_is_default_collate() -> None:
+    samples = [InlineDict(image=_image(i), mask=torch.full((8, 8), i, dtype=torch.uint8), x=i) for i in range(3)]
+    batch = default_collate(samples)  # registered: torch's default_collate calls collate_samples
+    assert type(batch) is InlineDict and not batch["image"].is_shared()
+    assert_same_batch(dict(batch), torch_collate(samples))
+    assert_same_batch(dict(collate_samples(samples)), torch_collate(samples))
+
+
+def repackaged(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """A user collate wrapping ``default_collate``: the slot's image leaves as a plain tensor, and
+    the batch that held its slot is dropped in the worker."""
+    images = default_collate(batch)["image"]
+    ring = _batch_ring._RING
+    return {"image": images, "held": int((ring.flags != 0).sum()) if ring is not None else -1}
+
+
+def test_a_repackaged_batch_lets_its_slot_go_and_is_never_overwritten(slide_folder: Path) -> None:
+    kept = list(DataLoader(make(slide_folder, samples_per_epoch=8 * 40), batch_size=8, num_workers=2,
+                           collate_fn=repackaged))  # fmt: skip
+    reference = DataLoader(make(slide_folder, samples_per_epoch=8 * 40), batch_size=8, num_workers=2,
+                           collate_fn=torch_collate)  # fmt: skip
+    assert len(kept) == 40
+    for ours, theirs in zip(kept, reference, strict=True):
+        assert torch.equal(ours["image"], theirs["image"])  # kept batches were never written over
+    # Each dropped batch's slot is let go (given a new buffer), not held for good: the ring never
+    # has more than the batch being built and the one before it taken.
+    assert 1 <= max(b["held"] for b in kept) <= 2

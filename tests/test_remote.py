@@ -373,3 +373,110 @@ def test_disk_cache_stays_under_its_bound(local: Path, web: Any, tmp_path: Path)
     other.put("k", len(block) * 2, len(block), block)
     assert other.get("k", len(block) * 2, 0, 2 * len(block)) is None  # block 0 is gone with the file
     assert other.get("k", len(block) * 2, len(block), 2 * len(block)) == block
+
+
+# -- who reads the tile ranges of s3:// slides ---------------------------------------------------------
+
+
+def _tile_readers(proxy: Any, name: str) -> set[str]:
+    """The clients that sent the tile GETs of ``name`` through ``proxy``: obstore or s3fs. Header
+    reads (s3fs, whole ``RemoteOptions.block_bytes`` blocks from a block boundary) are left out."""
+    requests, agents = proxy.faults.requests, proxy.faults.agents
+    kinds = set()
+    for (method, path, range_), agent in zip(requests, agents, strict=True):
+        start = int(range_.removeprefix("bytes=").split("-")[0] or 0) if range_ else 0
+        if method != "GET" or name not in path or start % bst.RemoteOptions().block_bytes == 0:
+            continue
+        kinds.add("obstore" if "object_store" in agent.lower() else "s3fs" if "botocore" in agent.lower() else agent)
+    return kinds
+
+
+def test_s3_tile_ranges_are_read_by_obstore_or_as_asked(moto: _servers.Moto, proxy: Any, local: Path) -> None:
+    from bigsmall_torch.io.remote import _make_store
+
+    expected = bst.open_slide(local / "deep" / "b.tiff").read(300, 400, 0, 600, 500)
+    options = {**moto.storage_options(proxy.url), "requester_pays": False}
+    # in this (main) process "auto" is s3fs: it may fork DataLoader workers later
+    for reads, extra, reader_kinds in (
+        ("auto", {}, {"s3fs"}), ("obstore", {}, {"obstore"}), ("fsspec", {}, {"s3fs"}),
+        ("fsspec", {"requester_pays": False}, {"s3fs"}),
+    ):  # fmt: skip
+        storage = {**moto.storage_options(proxy.url), **extra}
+        reader = bst.open_slide(f"s3://{BUCKET}/set/deep/b.tiff", remote=bst.RemoteOptions(storage_options=storage, s3_reads=reads))
+        proxy.faults.reset()
+        try:
+            np.testing.assert_array_equal(reader.read(300, 400, 0, 600, 500), expected)
+        finally:
+            reader.close()
+        assert _tile_readers(proxy, "b.tiff") == reader_kinds, (reads, proxy.faults.agents)
+    # what "auto" decides in a worker: obstore for these options, s3fs for one it has no equivalent of
+    store, why = _make_store(BUCKET, bst.RemoteOptions(storage_options=moto.storage_options()))
+    assert store is not None and why == ""
+    store, why = _make_store(BUCKET, bst.RemoteOptions(storage_options=options))
+    assert store is None and "requester_pays" in why
+    with pytest.raises(bst.ConfigError, match="requester_pays"):
+        bst.RemoteOptions(storage_options=options, s3_reads="obstore")
+    with pytest.raises(bst.ConfigError, match="s3_reads must be one of"):
+        bst.RemoteOptions(s3_reads="boto")
+
+
+_WORKERS = """
+import sys
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+import bigsmall_torch as bst
+
+endpoint, key, secret, url, local = sys.argv[1:6]
+remote = bst.RemoteOptions(storage_options={"key": key, "secret": secret, "endpoint_url": endpoint})
+def train(record, remote=None):
+    patients = [bst.Patient("b", {"wsi": bst.Record(record)})]
+    return bst.BigSmallDataset(bst.Dataset("d", patients, remote=remote), bst.RandomRegionLoader(512),
+                               bst.RandomCropCollector(96), buffer_size=2, smallchunks_per_bigchunk=8,
+                               samples_per_epoch=64, seed=3)
+got = list(DataLoader(train(url, remote), batch_size=16, num_workers=2))
+want = list(DataLoader(train(local), batch_size=16, num_workers=2))
+assert len(got) == len(want) == 4
+assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, want))
+"""
+
+
+def test_forked_workers_read_s3_tiles_with_obstore(moto: _servers.Moto, proxy: Any, local: Path) -> None:
+    """The default: a main process building a dataset and a DataLoader forking its workers (in a
+    fresh process, so that nothing of this one ran obstore before): the workers read with obstore."""
+    import subprocess
+    import sys
+
+    url = f"s3://{BUCKET}/set/deep/b.tiff"
+    proxy.faults.reset()
+    subprocess.run(
+        [sys.executable, "-c", _WORKERS, proxy.url, moto.key, moto.secret, url, str(local / "deep" / "b.tiff")],
+        check=True, timeout=300,
+    )  # fmt: skip
+    assert _tile_readers(proxy, "b.tiff") == {"obstore"}
+
+
+@pytest.mark.parametrize("context", ["forkserver", "fork"])
+def test_workers_read_s3_tiles_with_obstore_unless_forked_after_it_ran(
+    moto: _servers.Moto, proxy: Any, local: Path, context: str
+) -> None:
+    """obstore's runtime does not survive fork: workers forked after the main process read tiles
+    with it read with s3fs (and say so); workers of a fresh forkserver use obstore. Both equal the
+    local file."""
+    url = f"s3://{BUCKET}/set/deep/b.tiff"
+    remote = bst.RemoteOptions(storage_options=moto.storage_options(proxy.url))
+    forced = bst.RemoteOptions(storage_options=moto.storage_options(proxy.url), s3_reads="obstore")
+    reader = bst.open_slide(url, remote=forced)  # obstore runs in this process
+    try:
+        reader.read(0, 0, 0, 256, 256)
+    finally:
+        reader.close()
+    reference = _train(bst.Dataset("local", [bst.Patient("b", {"wsi": bst.Record(local / "deep" / "b.tiff")})]))
+    ds = _train(bst.Dataset("s3", [bst.Patient("b", {"wsi": bst.Record(url)})], remote=remote))
+    proxy.faults.reset()
+    got = list(DataLoader(ds, batch_size=16, num_workers=2, multiprocessing_context=context))
+    want = list(DataLoader(reference, batch_size=16, num_workers=2, multiprocessing_context=context))
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["x"], b["x"])
+    assert _tile_readers(proxy, "b.tiff") == ({"obstore"} if context == "forkserver" else {"s3fs"})

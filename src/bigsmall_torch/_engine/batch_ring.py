@@ -91,9 +91,17 @@ class _Ring:
         self.storages: list[torch.UntypedStorage] = []
         self.announced: list[bool] = []  # the main process has this slot's storage
         self.lock = threading.Lock()
+        # Slots whose batch was dropped or repackaged by user code instead of being sent (its lease
+        # died unsent): their memory may now be viewed anywhere, so the ring lets go of it and gives
+        # the slot a new buffer when next used. Appended by finalizers, so without the lock.
+        self.abandoned: list[int] = []
 
     def acquire(self, nbytes: int) -> _Lease | None:
         with self.lock:
+            while self.abandoned:
+                lost = self.abandoned.pop()
+                self.storages[lost] = torch.UntypedStorage(0)  # replaced before its next use
+                self.announced[lost], self.flags[lost] = False, 0
             free = [
                 i
                 for i, storage in enumerate(self.storages)
@@ -106,15 +114,16 @@ class _Ring:
                 fitting = [i for i in free if self.storages[i].nbytes() > nbytes]
                 slot = min(fitting, key=lambda i: self.storages[i].nbytes(), default=None)
             if slot is None:
-                if len(self.storages) < MAX_SLOTS:
+                empty = next((i for i in free if self.storages[i].nbytes() == 0), None)
+                if empty is None and len(self.storages) < MAX_SLOTS:
                     slot = len(self.storages)
                     self.storages.append(torch.UntypedStorage._new_shared(nbytes))
                     self.announced.append(False)
                     logger.debug(
                         "worker %d: batch slot %d created (%d bytes)", self.pid, slot, nbytes
                     )
-                elif free:  # every free slot is too small: resize one
-                    slot = free[0]
+                elif free:  # an abandoned slot, or every free slot is too small: a new buffer
+                    slot = free[0] if empty is None else empty
                     self.storages[slot] = torch.UntypedStorage._new_shared(nbytes)
                     self.announced[slot] = False
                 else:
@@ -137,10 +146,16 @@ class _Lease:
     #: The batch's other per-sample arrays held in the slot after the images (e.g. ``"mask"``):
     #: key -> (byte offset, the tensor viewing it).
     planes: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    returned: bool = field(default=False)
 
     def give_back(self) -> None:
         """Release in the worker: nothing outside it ever saw this slot's current contents."""
+        self.returned = True
         self.ring.flags[self.slot] = 0
+
+    def __del__(self) -> None:
+        if not (self.sent or self.returned):  # dropped or repackaged: see _Ring.abandoned
+            self.ring.abandoned.append(self.slot)
 
 
 _RING: _Ring | None = None
@@ -316,7 +331,7 @@ class RingBatch(InlineDict):
         shape, dtype = tuple(image.shape[d] for d in order), image.dtype
         lease.tensor, lease.planes = None, {}  # the worker's last views of the slot go with this batch
         where = (ring.token, ring.pid, control, lease.slot, storage)
-        return _rebuild_ring, (*where, shape, dtype, meta, planes, _inverse(order))
+        return _rebuild_ring, (*where, shape, dtype, meta, planes, _inverse(order), tuple(self))
 
 
 _PLAIN_LEAVES = (str, bytes, int, float, complex, bool, type(None), np.ndarray, np.generic)
@@ -508,9 +523,11 @@ def _rebuild_ring(
     meta: dict[str, Any],
     planes: list[tuple[str, int, tuple[int, ...], torch.dtype]] = (),  # type: ignore[assignment]
     order: tuple[int, ...] | None = None,
+    keys: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The batch of a slot: ``image`` is the slot's first ``shape`` elements (contiguous), shown
-    permuted by ``order`` (None: as they are; a channels-last batch is stored ``n, H, W, C``)."""
+    permuted by ``order`` (None: as they are; a channels-last batch is stored ``n, H, W, C``), and
+    its entries in the order of ``keys`` (the batch's own in the worker)."""
     if pid == os.getpid():  # unpickled inside the worker itself (user code pickling a batch)
         ring = _worker_ring()
         image = _view(ring.storages[slot], shape, dtype)
@@ -520,7 +537,7 @@ def _rebuild_ring(
             if storage is not None:
                 ring.announced[slot] = False  # the main process has not seen it after all
             ring.flags[slot] = 0  # reused once the original batch's tensors are gone
-        return {"image": image, **_unwrap(meta), **extra}
+        return _ordered({"image": image, **_unwrap(meta), **extra}, keys)
     with _MAPPED_LOCK:
         if storage is not None:  # this slot's first batch (or the slot was resized)
             if token not in _MAPPED:
@@ -549,4 +566,12 @@ def _rebuild_ring(
         weakref.finalize(viewer, countdown.done).atexit = False
     extra = {key: torch.from_numpy(a) for key, a in arrays.items()}
     image = torch.from_numpy(array)
-    return {"image": image if order is None else image.permute(order), **_unwrap(meta), **extra}
+    batch = {"image": image if order is None else image.permute(order), **_unwrap(meta), **extra}
+    return _ordered(batch, keys)
+
+
+def _ordered(batch: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``batch`` with its entries in the order of ``keys`` (when they are its keys)."""
+    if not keys or tuple(batch) == keys or set(keys) != batch.keys():
+        return batch
+    return {key: batch[key] for key in keys}

@@ -13,7 +13,10 @@ Everything that touches a remote object goes through this module:
   aligned blocks (``RemoteOptions.block_bytes``) kept in a per-process LRU, so that reopening a
   slide costs no request;
 * :class:`RangeSource`: the byte ranges of a big chunk's tiles, adjacent ranges merged and all of
-  them fetched concurrently in one call (one round trip), for the tile-direct fast path;
+  them fetched concurrently in one call (one round trip), for the tile-direct fast path; for S3,
+  through obstore (Rust's ``object_store``) when it is installed and understands the storage
+  options, in DataLoader workers: a signed GET costs the client about 0.3 ms of CPU there against
+  3.7-4.6 ms through s3fs/botocore (``RemoteOptions.s3_reads``);
 * :class:`DiskCache`: fetched ranges kept on local disk (``RemoteOptions.cache_dir``), bounded by
   ``cache_bytes``, shared by the processes of a node.
 
@@ -34,6 +37,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import sys
 import threading
@@ -85,6 +89,18 @@ class RemoteOptions:
         backoff_s: the first retry's wait; each next one doubles it (with jitter), at most 20 s.
         timeout_s: the limit of every request (connecting and reading).
         block_bytes: the unit of header reads (tifffile's small reads are served from blocks).
+        s3_reads: who fetches the tile byte ranges of ``s3://`` slides. ``"auto"`` (default):
+            obstore in DataLoader worker processes, where the reading of a training or extraction
+            run happens, when it is installed (the ``[remote]`` extra), every storage option is one
+            it understands (``key``, ``secret``, ``token``, ``endpoint_url``, ``anon``,
+            ``profile``, ``client_kwargs={"region_name", "endpoint_url"}``, fsspec's own caching
+            options) and the region is known (an endpoint, ``region_name``, ``AWS_REGION`` /
+            ``AWS_DEFAULT_REGION`` or the profile's); s3fs otherwise, and in every other process:
+            obstore's runtime does not survive ``fork``, so a main process that used it would
+            leave the workers it forks without it. ``"obstore"``: in every process, a
+            :class:`~bigsmall_torch.ConfigError` when it cannot (a process forked after obstore
+            ran reads with s3fs, with a warning); ``"fsspec"``: always s3fs. Headers, object
+            sizes and listings go through s3fs either way.
     """
 
     storage_options: Mapping[str, Any] = field(default_factory=dict)
@@ -94,6 +110,7 @@ class RemoteOptions:
     backoff_s: float = 0.5
     timeout_s: float = 60.0
     block_bytes: int = 1 << 20
+    s3_reads: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.storage_options, Mapping):
@@ -118,6 +135,14 @@ class RemoteOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"RemoteOptions: {name} must be a number > 0, got {value!r}")
+        if self.s3_reads not in _S3_READS:
+            raise ConfigError(f"RemoteOptions: s3_reads must be one of {list(_S3_READS)}, got {self.s3_reads!r}")
+        if self.s3_reads == "obstore":
+            why = _obstore_refusal(self.storage_options)
+            if why:
+                raise (MissingDependencyError if "not installed" in why else ConfigError)(
+                    f"RemoteOptions(s3_reads='obstore'): {why}"
+                )
 
     def _token(self) -> str:
         """A stable text of the storage options (for per-process caches)."""
@@ -128,7 +153,7 @@ class RemoteOptions:
         return (
             f"RemoteOptions(storage_options={shown!r}, cache_dir={self.cache_dir!r}, "
             f"cache_bytes={self.cache_bytes}, retries={self.retries}, backoff_s={self.backoff_s}, "
-            f"timeout_s={self.timeout_s})"
+            f"timeout_s={self.timeout_s}, s3_reads={self.s3_reads!r})"
         )
 
 
@@ -301,6 +326,10 @@ def _status(exc: BaseException) -> int | str | None:
     generic: int | str | None = None
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        if type(current).__module__.startswith("obstore"):
+            status = _obstore_status(current)
+            if status is not None:
+                return status
         names = {cls.__name__ for cls in type(current).__mro__}
         response = getattr(current, "response", None)
         if isinstance(response, Mapping):  # botocore's ClientError
@@ -691,6 +720,174 @@ def _merge(ranges: Sequence[tuple[int, int]], gap: int) -> list[tuple[int, int]]
     return [(a, b) for a, b in merged]
 
 
+# -- S3 byte ranges through obstore ---------------------------------------------------------------
+
+_S3_READS = ("auto", "obstore", "fsspec")
+# Storage options obstore is given an equivalent of; fsspec's own (caching, not requests) are ignored.
+_OBSTORE_OPTIONS = frozenset({"key", "secret", "token", "endpoint_url", "anon", "profile", "client_kwargs"})
+_FSSPEC_ONLY = frozenset({
+    "skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths", "default_block_size",
+    "default_cache_type", "default_fill_cache",
+})  # fmt: skip
+_CREDENTIALS_S = 300.0  # how long obstore keeps credentials resolved by botocore before asking again
+_STORES: dict[tuple[int, str, str], Any] = {}  # (pid, bucket, options) -> S3Store, or None: s3fs
+_STORES_LOCK = threading.Lock()
+# The process in which obstore made its first request. obstore's runtime (its Rust threads) does not
+# survive fork: in a process forked from that one a request hangs or crashes, so such a process
+# (a DataLoader worker forked after the main process read tiles) reads with s3fs instead.
+_OBSTORE_PID: int | None = None
+_told_forked = False
+
+
+def _obstore_refusal(options: Mapping[str, Any]) -> str:
+    """Why obstore cannot read with these storage options ("" when it can, as far as the options
+    tell: the region is looked up when the store is made)."""
+    try:
+        import obstore  # noqa: F401
+    except ImportError:
+        return f"obstore is not installed ({_EXTRA})"
+    unknown = sorted(set(options) - _OBSTORE_OPTIONS - _FSSPEC_ONLY)
+    client = options.get("client_kwargs") or {}
+    if not isinstance(client, Mapping):
+        unknown.append("client_kwargs")
+    else:
+        unknown += [f"client_kwargs[{k!r}]" for k in sorted(set(client) - {"region_name", "endpoint_url"})]
+    if unknown:
+        return f"storage option(s) {unknown} are understood by s3fs only (use s3_reads='fsspec' or 'auto')"
+    return ""
+
+
+class _StaticCredentials:
+    """obstore's credential provider for a key given in the storage options."""
+
+    def __init__(self, key: str, secret: str, token: str | None) -> None:
+        self.credential = {"access_key_id": key, "secret_access_key": secret, "token": token, "expires_at": None}
+
+    def __call__(self) -> dict[str, Any]:
+        return self.credential
+
+
+class _BotocoreCredentials:
+    """obstore's credential provider over botocore's resolution (environment, profiles, SSO, instance
+    roles), asked again every ``_CREDENTIALS_S`` so that refreshed temporary keys are picked up."""
+
+    def __init__(self, credentials: Any) -> None:
+        self.credentials = credentials
+
+    def __call__(self) -> dict[str, Any]:
+        from datetime import datetime, timedelta, timezone
+
+        frozen = self.credentials.get_frozen_credentials()
+        return {
+            "access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key, "token": frozen.token,
+            "expires_at": datetime.now(timezone.utc) + timedelta(seconds=_CREDENTIALS_S),
+        }  # fmt: skip
+
+
+def _make_store(bucket: str, remote: RemoteOptions) -> tuple[Any, str]:
+    """An obstore ``S3Store`` of ``bucket`` equivalent to s3fs with ``remote``'s options, or
+    (None, why not)."""
+    options = remote.storage_options
+    why = _obstore_refusal(options)
+    if why:
+        return None, why
+    import botocore.session
+    from obstore.store import S3Store
+
+    client = dict(options.get("client_kwargs") or {})
+    endpoint = (
+        options.get("endpoint_url") or client.get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    )  # fmt: skip
+    session = botocore.session.Session(profile=options.get("profile"))
+    region = (
+        client.get("region_name") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        or session.get_config_variable("region") or ("us-east-1" if endpoint else None)
+    )  # fmt: skip
+    if not region:
+        return None, "the bucket's region is unknown (give client_kwargs={'region_name': ...} or AWS_REGION)"
+    config: dict[str, Any] = {"region": region}
+    if endpoint:
+        config["endpoint"] = endpoint
+    provider: Any = None
+    if options.get("anon"):
+        config["skip_signature"] = True
+    elif options.get("key") and options.get("secret"):
+        provider = _StaticCredentials(options["key"], options["secret"], options.get("token"))
+    else:
+        credentials = session.get_credentials()
+        if credentials is None:
+            return None, "botocore found no AWS credentials"
+        provider = _BotocoreCredentials(credentials)
+    from datetime import timedelta
+
+    timeout = timedelta(seconds=remote.timeout_s)
+    store = S3Store(
+        bucket,
+        credential_provider=provider,
+        client_options={
+            "timeout": timeout, "connect_timeout": timeout,
+            "allow_http": bool(endpoint) and str(endpoint).startswith("http://"),
+        },
+        retry_config={"max_retries": 0},  # retrying is done once, in call()
+        **config,
+    )  # fmt: skip
+    return store, ""
+
+
+def _s3_store(path: RemotePath) -> Any:
+    """The obstore store that reads ``path``'s byte ranges, or None (s3fs reads them)."""
+    global _told_forked
+    remote = path.remote
+    if path.protocol not in ("s3", "s3a") or remote.s3_reads == "fsspec":
+        return None
+    if remote.s3_reads == "auto":
+        from torch.utils.data import get_worker_info
+
+        if get_worker_info() is None:  # not a DataLoader worker: it may fork workers later
+            return None
+    if _OBSTORE_PID is not None and os.getpid() != _OBSTORE_PID:
+        if not _told_forked:
+            _told_forked = True
+            logger.warning(
+                "process %d was forked from process %d after obstore had run there, and obstore's runtime "
+                "does not survive fork: s3:// byte ranges are read with s3fs here (slower). Start "
+                "DataLoader workers with multiprocessing_context='spawn' or 'forkserver', or read no "
+                "s3:// tiles in the main process before they start", os.getpid(), _OBSTORE_PID,
+            )  # fmt: skip
+        return None
+    bucket = path._key.split("/", 1)[0]
+    key = (os.getpid(), bucket, remote._token())  # per process: a forked worker makes its own
+    with _STORES_LOCK:
+        if key in _STORES:
+            return _STORES[key]
+    store, why = _make_store(bucket, remote)
+    if store is None:
+        if remote.s3_reads == "obstore":
+            raise ConfigError(f"RemoteOptions(s3_reads='obstore') cannot read {path.display}: {why}")
+        logger.info("%s: byte ranges read by s3fs: %s", path.display, why)
+    with _STORES_LOCK:
+        return _STORES.setdefault(key, store)
+
+
+_OBSTORE_STATUS = re.compile(r"status code: (\d{3})")
+
+
+def _obstore_status(exc: BaseException) -> int | str | None:
+    """The HTTP status (or ``"timeout"`` / ``"connection error"``) of an obstore error, from its
+    text (obstore's exceptions carry no status attribute); None when it says none."""
+    text = str(exc)
+    match = _OBSTORE_STATUS.search(text)
+    if match:
+        return int(match.group(1))
+    lowered = text.lower()
+    if "timed out" in lowered or "timeout" in lowered:
+        return "timeout"
+    if "error sending request" in lowered or "connection" in lowered:
+        return "connection error"
+    return None
+
+
 class RangeSource:
     """Byte ranges of one remote object: what the disk cache holds is read from it, the rest is
     fetched with one request per merged range, all of them concurrently (async stores) in one call.
@@ -732,13 +929,25 @@ class RangeSource:
         return [got[span] for span in spans]
 
     def _get(self, wanted: Sequence[tuple[int, int]]) -> list[bytes]:
-        fs = filesystem(self.path.protocol, self.path.remote)
+        store = _s3_store(self.path)
+        fs = filesystem(self.path.protocol, self.path.remote) if store is None else None
         timeout = self.path.remote.timeout_s
         url = self.path.url
 
         def fetch() -> list[bytes]:
             _STATS.add(requests=len(wanted))  # attempts, failed ones included
-            if len(wanted) == 1:
+            if store is not None:
+                import obstore
+
+                global _OBSTORE_PID
+                if _OBSTORE_PID is None:  # before the first request: a fork from now on cannot use it
+                    _OBSTORE_PID = os.getpid()
+                got = obstore.get_ranges(
+                    store, url.split("://", 1)[1].split("/", 1)[1],
+                    starts=[a for a, _ in wanted], ends=[b for _, b in wanted], coalesce=0,
+                )  # fmt: skip
+                blobs = [bytes(blob) for blob in got]
+            elif len(wanted) == 1:
                 a, b = wanted[0]
                 blobs = [_run(fs, "cat_file", url, start=a, end=b, timeout=timeout)]
             else:
