@@ -409,6 +409,16 @@ def test_s3_tile_ranges_are_read_by_obstore_or_as_asked(moto: _servers.Moto, pro
         finally:
             reader.close()
         assert _tile_readers(proxy, "b.tiff") == reader_kinds, (reads, proxy.faults.agents)
+    # a key obstore's paths cannot hold ("." or ".." or empty segments): s3fs reads it
+    moto.client().upload_file(str(local / "deep" / "b.tiff"), BUCKET, "set/odd/../b.tiff")
+    forced = bst.RemoteOptions(storage_options=moto.storage_options(proxy.url), s3_reads="obstore")
+    reader = bst.open_slide(f"s3://{BUCKET}/set/odd/../b.tiff", remote=forced)
+    proxy.faults.reset()
+    try:
+        np.testing.assert_array_equal(reader.read(300, 400, 0, 600, 500), expected)
+    finally:
+        reader.close()
+    assert _tile_readers(proxy, "b.tiff") == {"s3fs"}
     # what "auto" decides in a worker: obstore for these options, s3fs for one it has no equivalent of
     store, why = _make_store(BUCKET, bst.RemoteOptions(storage_options=moto.storage_options()))
     assert store is not None and why == ""

@@ -861,7 +861,10 @@ def _s3_store(path: RemotePath) -> Any:
     with _STORES_LOCK:
         if key in _STORES:
             return _STORES[key]
-    store, why = _make_store(bucket, remote)
+    try:
+        store, why = _make_store(bucket, remote)
+    except Exception as exc:  # a profile that does not exist, an endpoint obstore refuses, ...
+        store, why = None, f"{type(exc).__name__}: {exc}"
     if store is None:
         if remote.s3_reads == "obstore":
             raise ConfigError(f"RemoteOptions(s3_reads='obstore') cannot read {path.display}: {why}")
@@ -929,10 +932,13 @@ class RangeSource:
         return [got[span] for span in spans]
 
     def _get(self, wanted: Sequence[tuple[int, int]]) -> list[bytes]:
+        url = self.path.url
+        key = url.split("://", 1)[1].partition("/")[2]
         store = _s3_store(self.path)
+        if store is not None and any(part in ("", ".", "..") for part in key.split("/")):
+            store = None  # a key obstore's paths cannot hold (an empty, "." or ".." segment)
         fs = filesystem(self.path.protocol, self.path.remote) if store is None else None
         timeout = self.path.remote.timeout_s
-        url = self.path.url
 
         def fetch() -> list[bytes]:
             _STATS.add(requests=len(wanted))  # attempts, failed ones included
@@ -943,9 +949,8 @@ class RangeSource:
                 if _OBSTORE_PID is None:  # before the first request: a fork from now on cannot use it
                     _OBSTORE_PID = os.getpid()
                 got = obstore.get_ranges(
-                    store, url.split("://", 1)[1].split("/", 1)[1],
-                    starts=[a for a, _ in wanted], ends=[b for _, b in wanted], coalesce=0,
-                )  # fmt: skip
+                    store, key, starts=[a for a, _ in wanted], ends=[b for _, b in wanted], coalesce=0
+                )
                 blobs = [bytes(blob) for blob in got]
             elif len(wanted) == 1:
                 a, b = wanted[0]
