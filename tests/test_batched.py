@@ -831,3 +831,22 @@ def test_a_repackaged_batch_lets_its_slot_go_and_is_never_overwritten(slide_fold
     # Each dropped batch's slot is let go (given a new buffer), not held for good: the ring never
     # has more than the batch being built and the one before it taken.
     assert 1 <= max(b["held"] for b in kept) <= 2
+
+
+def with_a_crop(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """A user collate adding a view of the slot's images to the batch."""
+    collated = default_collate(batch)
+    collated["crop"] = collated["image"][..., 8:-8, 8:-8]
+    return collated
+
+
+def test_other_views_of_the_slot_leave_it_with_their_batch(slide_folder: Path) -> None:
+    """Keeping only an entry that viewed the slot in the worker (the batch, and with it the slot,
+    is dropped at once) must keep its values: it travels as a copy of its own."""
+    crops = [b["crop"] for b in DataLoader(make(slide_folder, samples_per_epoch=16 * 40), batch_size=16,
+                                            num_workers=2, collate_fn=with_a_crop)]  # fmt: skip
+    reference = DataLoader(make(slide_folder, samples_per_epoch=16 * 40), batch_size=16, num_workers=2,
+                           collate_fn=torch_collate)  # fmt: skip
+    assert len(crops) == 40
+    for crop, theirs in zip(crops, reference, strict=True):
+        assert torch.equal(crop, theirs["image"][..., 8:-8, 8:-8])

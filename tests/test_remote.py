@@ -490,3 +490,14 @@ def test_workers_read_s3_tiles_with_obstore_unless_forked_after_it_ran(
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["x"], b["x"])
     assert _tile_readers(proxy, "b.tiff") == ({"obstore"} if context == "forkserver" else {"s3fs"})
+
+
+def test_obstore_errors_map_to_statuses() -> None:
+    from bigsmall_torch.io.remote import _obstore_status
+
+    retry = "Generic S3 error: Error after 0 retries in 2ms, max_retries:0, retry_timeout:180s, source:"
+    assert _obstore_status(Exception(retry + " HTTP status server error (503 Service Unavailable) ... "
+                                     "Server returned non-2xx status code: 503 Service Unavailable")) == 503  # fmt: skip
+    assert _obstore_status(Exception(retry + " error sending request for url (http://h/b/k)")) == "connection error"
+    assert _obstore_status(Exception(retry + " operation timed out")) == "timeout"
+    assert _obstore_status(Exception(retry + " Received redirect without LOCATION")) is None  # not a timeout

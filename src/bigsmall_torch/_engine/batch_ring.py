@@ -320,7 +320,12 @@ class RingBatch(InlineDict):
             if self.get(key) is plane
         ]
         in_slot = {key for key, *_ in planes}
-        meta = _inline({k: v for k, v in self.items() if k != "image" and k not in in_slot})
+        # Any other entry viewing the slot (user code put a view of the images in the batch) is
+        # copied out: the slot is released once the image and the planes are gone.
+        meta = _inline({
+            k: v.clone() if isinstance(v, torch.Tensor) and _in_slot(v, lease) else v
+            for k, v in self.items() if k != "image" and k not in in_slot
+        })  # fmt: skip
         ring = lease.ring
         with ring.lock:
             # The slot travels as a flat uint8 tensor (a bare storage does not survive plain pickle).

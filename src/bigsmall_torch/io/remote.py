@@ -729,8 +729,11 @@ _FSSPEC_ONLY = frozenset({
     "skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths", "default_block_size",
     "default_cache_type", "default_fill_cache",
 })  # fmt: skip
-_CREDENTIALS_S = 300.0  # how long obstore keeps credentials resolved by botocore before asking again
-_STORES: dict[tuple[int, str, str], Any] = {}  # (pid, bucket, options) -> S3Store, or None: s3fs
+# How long obstore keeps credentials resolved by botocore before asking again (at most: botocore's own
+# expiry of temporary keys comes first). object_store refreshes keys due within 5 minutes, so this
+# must be well above that, or it would ask on nearly every request.
+_CREDENTIALS_S = 1800.0
+_STORES: dict[tuple[int, str, str, float], Any] = {}  # (pid, bucket, options, timeout) -> S3Store, or None: s3fs
 _STORES_LOCK = threading.Lock()
 # The process in which obstore made its first request. obstore's runtime (its Rust threads) does not
 # survive fork: in a process forked from that one a request hangs or crashes, so such a process
@@ -778,9 +781,13 @@ class _BotocoreCredentials:
         from datetime import datetime, timedelta, timezone
 
         frozen = self.credentials.get_frozen_credentials()
+        expires = datetime.now(timezone.utc) + timedelta(seconds=_CREDENTIALS_S)
+        expiry = getattr(self.credentials, "_expiry_time", None)  # botocore's refreshable keys
+        if isinstance(expiry, datetime) and expiry.tzinfo is not None:
+            expires = min(expires, expiry)
         return {
             "access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key, "token": frozen.token,
-            "expires_at": datetime.now(timezone.utc) + timedelta(seconds=_CREDENTIALS_S),
+            "expires_at": expires,
         }  # fmt: skip
 
 
@@ -857,7 +864,7 @@ def _s3_store(path: RemotePath) -> Any:
             )  # fmt: skip
         return None
     bucket = path._key.split("/", 1)[0]
-    key = (os.getpid(), bucket, remote._token())  # per process: a forked worker makes its own
+    key = (os.getpid(), bucket, remote._token(), remote.timeout_s)  # per process: a forked worker makes its own
     with _STORES_LOCK:
         if key in _STORES:
             return _STORES[key]
@@ -873,6 +880,14 @@ def _s3_store(path: RemotePath) -> Any:
         return _STORES.setdefault(key, store)
 
 
+def _drop_store(path: RemotePath, why: str) -> None:
+    """From now on, this process reads ``path``'s bucket with s3fs (``s3_reads="auto"``)."""
+    bucket, remote = path._key.split("/", 1)[0], path.remote
+    with _STORES_LOCK:
+        _STORES[(os.getpid(), bucket, remote._token(), remote.timeout_s)] = None
+    logger.warning("%s: obstore cannot read bucket %s (%s); s3fs reads it in this process", path.display, bucket, why)
+
+
 _OBSTORE_STATUS = re.compile(r"status code: (\d{3})")
 
 
@@ -883,12 +898,21 @@ def _obstore_status(exc: BaseException) -> int | str | None:
     match = _OBSTORE_STATUS.search(text)
     if match:
         return int(match.group(1))
-    lowered = text.lower()
-    if "timed out" in lowered or "timeout" in lowered:
+    lowered = text.lower()  # (every retry error's text says "retry_timeout: ...": not a timeout)
+    if "timed out" in lowered:
         return "timeout"
-    if "error sending request" in lowered or "connection" in lowered:
+    if any(word in lowered for word in _OBSTORE_RESETS):
         return "connection error"
     return None
+
+
+_OBSTORE_RESETS = (
+    "error sending request", "connection refused", "connection reset", "connection closed", "broken pipe",
+    "dns error", "incomplete message",
+)  # fmt: skip
+# What obstore says when the bucket is in another region than the one the store was given (S3
+# answers with a redirect that object_store does not follow; botocore does).
+_OBSTORE_REGION = ("redirect", "incorrectly configured region", "authorizationheadermalformed")
 
 
 class RangeSource:
@@ -941,21 +965,31 @@ class RangeSource:
         timeout = self.path.remote.timeout_s
 
         def fetch() -> list[bytes]:
+            nonlocal store, fs
             _STATS.add(requests=len(wanted))  # attempts, failed ones included
+            blobs: list[bytes] | None = None
             if store is not None:
                 import obstore
 
                 global _OBSTORE_PID
                 if _OBSTORE_PID is None:  # before the first request: a fork from now on cannot use it
                     _OBSTORE_PID = os.getpid()
-                got = obstore.get_ranges(
-                    store, key, starts=[a for a, _ in wanted], ends=[b for _, b in wanted], coalesce=0
-                )
-                blobs = [bytes(blob) for blob in got]
-            elif len(wanted) == 1:
+                try:
+                    got = obstore.get_ranges(
+                        store, key, starts=[a for a, _ in wanted], ends=[b for _, b in wanted], coalesce=0
+                    )
+                except Exception as exc:
+                    text = str(exc).lower()
+                    if self.path.remote.s3_reads != "auto" or not any(w in text for w in _OBSTORE_REGION):
+                        raise
+                    _drop_store(self.path, _short(exc, self.path))  # another region: botocore follows
+                    store, fs = None, filesystem(self.path.protocol, self.path.remote)
+                else:
+                    blobs = [bytes(blob) for blob in got]
+            if blobs is None and len(wanted) == 1:
                 a, b = wanted[0]
                 blobs = [_run(fs, "cat_file", url, start=a, end=b, timeout=timeout)]
-            else:
+            elif blobs is None:
                 blobs = _run(
                     fs, "cat_ranges", [url] * len(wanted), [a for a, _ in wanted], [b for _, b in wanted],
                     on_error="raise", timeout=timeout * (1 + len(wanted) // 10),
