@@ -95,12 +95,15 @@ class RemoteOptions:
             it understands (``key``, ``secret``, ``token``, ``endpoint_url``, ``anon``,
             ``profile``, ``client_kwargs={"region_name", "endpoint_url"}``, fsspec's own caching
             options) and the region is known (an endpoint, ``region_name``, ``AWS_REGION`` /
-            ``AWS_DEFAULT_REGION`` or the profile's); s3fs otherwise, and in every other process:
+            ``AWS_DEFAULT_REGION`` or the profile's; a bucket found to be in another region is
+            read by s3fs from then on, with a warning); s3fs otherwise, and in every other process:
             obstore's runtime does not survive ``fork``, so a main process that used it would
             leave the workers it forks without it. ``"obstore"``: in every process, a
             :class:`~bigsmall_torch.ConfigError` when it cannot (a process forked after obstore
             ran reads with s3fs, with a warning); ``"fsspec"``: always s3fs. Headers, object
-            sizes and listings go through s3fs either way.
+            sizes and listings go through s3fs either way. obstore also reads a few ``AWS_*``
+            variables of its own that botocore ignores (e.g. ``AWS_SKIP_SIGNATURE``,
+            ``AWS_REQUESTER_PAYS``).
     """
 
     storage_options: Mapping[str, Any] = field(default_factory=dict)
