@@ -61,14 +61,6 @@ class _Faults:
                 1 for m, p, _ in self.requests if (method is None or m == method) and substring in p
             )
 
-    def clients(self, method: str, substring: str = "") -> list[str]:
-        """The User-Agent of each request counted by ``count(method, substring)``."""
-        with self.lock:
-            return [
-                agent for (m, p, _), agent in zip(self.requests, self.agents, strict=True)
-                if m == method and substring in p
-            ]  # fmt: skip
-
     def admit(self, method: str, path: str, range_: str, agent: str = "") -> tuple[int, str] | None:
         """Record a request; the (status, code) to fail it with, or None."""
         with self.lock:
@@ -305,11 +297,6 @@ class _Controls:
     def agents(self) -> list[str]:
         """The User-Agent of every request answered since the last reset (as ``requests``)."""
         return list(self._post("agents"))
-
-    def clients(self, method: str, substring: str = "") -> list[str]:
-        """The User-Agent of each request counted by ``count(method, substring)``."""
-        requests, agents = self.requests, self.agents
-        return [agent for (m, p, _), agent in zip(requests, agents, strict=True) if m == method and substring in p]
 
     @property
     def latency_s(self) -> float:

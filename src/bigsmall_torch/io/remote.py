@@ -15,8 +15,8 @@ Everything that touches a remote object goes through this module:
 * :class:`RangeSource`: the byte ranges of a big chunk's tiles, adjacent ranges merged and all of
   them fetched concurrently in one call (one round trip), for the tile-direct fast path; for S3,
   through obstore (Rust's ``object_store``) when it is installed and understands the storage
-  options, in DataLoader workers: a signed GET costs the client about 0.3 ms of CPU there against
-  3.7-4.6 ms through s3fs/botocore (``RemoteOptions.s3_reads``);
+  options, in DataLoader workers: a signed GET costs the client about 0.75 ms of CPU there against
+  3 ms through s3fs/botocore (``benchmarks.bench_remote``; ``RemoteOptions.s3_reads``);
 * :class:`DiskCache`: fetched ranges kept on local disk (``RemoteOptions.cache_dir``), bounded by
   ``cache_bytes``, shared by the processes of a node.
 
@@ -866,8 +866,8 @@ def _s3_store(path: RemotePath) -> Any:
                 "s3:// tiles in the main process before they start", os.getpid(), _OBSTORE_PID,
             )  # fmt: skip
         return None
-    bucket = path._key.split("/", 1)[0]
-    key = (os.getpid(), bucket, remote._token(), remote.timeout_s)  # per process: a forked worker makes its own
+    key = _store_key(path)
+    bucket = key[1]
     with _STORES_LOCK:
         if key in _STORES:
             return _STORES[key]
@@ -883,12 +883,17 @@ def _s3_store(path: RemotePath) -> Any:
         return _STORES.setdefault(key, store)
 
 
+def _store_key(path: RemotePath) -> tuple[int, str, str, float]:
+    """``path``'s entry in ``_STORES``: per process (a forked worker makes its own), bucket and options."""
+    return (os.getpid(), path._key.split("/", 1)[0], path.remote._token(), path.remote.timeout_s)
+
+
 def _drop_store(path: RemotePath, why: str) -> None:
     """From now on, this process reads ``path``'s bucket with s3fs (``s3_reads="auto"``)."""
-    bucket, remote = path._key.split("/", 1)[0], path.remote
+    key = _store_key(path)
     with _STORES_LOCK:
-        _STORES[(os.getpid(), bucket, remote._token(), remote.timeout_s)] = None
-    logger.warning("%s: obstore cannot read bucket %s (%s); s3fs reads it in this process", path.display, bucket, why)
+        _STORES[key] = None
+    logger.warning("%s: obstore cannot read bucket %s (%s); s3fs reads it in this process", path.display, key[1], why)
 
 
 _OBSTORE_STATUS = re.compile(r"status code: (\d{3})")
