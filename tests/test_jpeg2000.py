@@ -175,6 +175,8 @@ def test_pixels_equal_tiffslide_and_openslide(
                 np.testing.assert_array_equal(got, want, err_msg=f"{backend} region={region}")
         planar = decoder.read(10, 7, 300, 300, planar=True)
         np.testing.assert_array_equal(planar, decoder.read(10, 7, 300, 300))
+        tiled = decoder.read_tiled(10, 7, 300, 300)  # decoded, then copied into the tiles' slots
+        np.testing.assert_array_equal(np.asarray(tiled), planar)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 import bigsmall_torch as bst
 from bigsmall_torch.inference.sliding import Edge, _halves, _positions
+from bigsmall_torch.io._tiles import TiledRegion
 
 
 def dataset(folder: Path, n: int | None = None) -> bst.Dataset:
@@ -99,6 +100,11 @@ def test_channels_last_batches_equal_contiguous_ones(slide_folder: Path, num_wor
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in ("x", "y", "row", "col"))
     pickled = pickle.loads(pickle.dumps(got[0]))  # a copy, strides kept
     assert torch.equal(pickled["image"], got[0]["image"])
+    # Batched blocks inside the slide stay as their decoded tiles (no copy into a block), in either
+    # memory format; blocks past the slide's edge (edge="pad") are padded arrays.
+    for ds in (plain, last):
+        kinds = [type(ds._read_block(b, b.cells)[0]) for b in ds._blocks]
+        assert set(kinds) == {np.ndarray, TiledRegion} and kinds[0] is TiledRegion
     with pytest.raises(bst.ConfigError, match=r"memory_format must be .* with batch_size"):
         bst.SlidingWindowDataset(dataset(slide_folder, 1), 256, memory_format=torch.channels_last)
     with pytest.raises(bst.ConfigError, match="memory_format must be"):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from bigsmall_torch.errors import ConfigError, SlideReadError
-from bigsmall_torch.io._tiles import TileDecoder
+from bigsmall_torch.io._tiles import TileDecoder, TiledRegion
 from bigsmall_torch.synthetic import write_synthetic_slide
 
 tifffile = pytest.importorskip("tifffile")
@@ -97,6 +97,53 @@ def test_pixels_equal_on_real_aperio_slide(cmu1: Path, threads: int) -> None:
                 np.testing.assert_array_equal(got, want, err_msg=f"{name} region={region}")
 
 
+def _check_tiled(decoder: TileDecoder, region: tuple[int, int, int, int], seed: int = 0) -> None:
+    """``read_tiled`` holds ``read``'s pixels: whole, and cut at random rectangles into HWC and
+    channel-planar (transposed) arrays."""
+    want = decoder.read(*region)
+    tiled = decoder.read_tiled(*region)
+    assert isinstance(tiled, TiledRegion) and tiled.shape == want.shape
+    tw, th = decoder.tile_width, decoder.tile_height
+    assert tiled.tiles.shape[2:] == (th, tw, 3) and tiled.tiles[0, 0].flags.c_contiguous
+    np.testing.assert_array_equal(np.asarray(tiled), want, err_msg=f"region={region}")
+    rng = np.random.default_rng(seed)
+    for _ in range(8):
+        h, w = int(rng.integers(1, want.shape[0] + 1)), int(rng.integers(1, want.shape[1] + 1))
+        top, left = int(rng.integers(0, want.shape[0] - h + 1)), int(rng.integers(0, want.shape[1] - w + 1))
+        np.testing.assert_array_equal(tiled.crop(top, left, h, w), want[top : top + h, left : left + w])
+        planar = np.zeros((3, h, w), np.uint8)
+        tiled.copy_to(planar.transpose(1, 2, 0), top, left)
+        np.testing.assert_array_equal(planar.transpose(1, 2, 0), want[top : top + h, left : left + w])
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("level", [0, 1])
+def test_tiled_regions_hold_the_pixels_of_read(odd_slide: Path, level: int, threads: int) -> None:
+    with _decoder(odd_slide, level, threads=threads) as decoder:
+        for i, region in enumerate(_regions(decoder.width, decoder.height, TILE)):
+            _check_tiled(decoder, region, seed=i)
+
+
+def test_tiled_regions_on_real_aperio_slide(cmu1: Path) -> None:
+    with _decoder(cmu1, 0) as decoder:
+        for i, region in enumerate(_regions(decoder.width, decoder.height, 240)):
+            _check_tiled(decoder, region, seed=i)
+
+
+def test_tiled_region_bounds_are_checked(odd_slide: Path) -> None:
+    with _decoder(odd_slide, 0) as decoder:
+        tiled = decoder.read_tiled(100, 37, 700, 555)
+        with pytest.raises(SlideReadError, match="outside level 0"):
+            decoder.read_tiled(2990, 0, 11, 10)
+    assert tiled.tiles.shape[:2] == (3, 4)  # rows 0-2, columns 0-3 of 256 px tiles
+    with pytest.raises(ValueError, match="outside the 700x555 region"):
+        tiled.copy_to(np.empty((10, 10, 3), np.uint8), 550, 0)
+    with pytest.raises(ValueError, match="outside the 700x555 region"):
+        tiled.crop(0, -1, 5, 5)
+    with pytest.raises(ValueError, match="does not fit"):
+        TiledRegion(tiled.tiles, 100, 37, 1000, 555)
+
+
 def test_level_number_is_found(odd_slide: Path) -> None:
     with _decoder(odd_slide, 1) as decoder:
         assert decoder.level == 1
@@ -148,6 +195,8 @@ def test_corrupted_tile_raises_naming_it(odd_slide: Path, tmp_path: Path, thread
         ) as info:
             decoder.read(0, 0, 1024, 1024)
         assert info.value.path == path
+        with pytest.raises(SlideReadError, match=r"tile \(col, row\) = \(2, 1\) of level 0"):
+            decoder.read_tiled(300, 200, 500, 200)  # tiles decoded into their slots
         good = decoder.read(0, 0, 512, 256)  # tiles (0, 0) and (1, 0) still read
         np.testing.assert_array_equal(good, _reference(odd_slide, 0, (0, 0, 512, 256))[0])
 
@@ -176,7 +225,9 @@ def test_absent_tiles_are_filled_like_tiffslide(odd_slide: Path, tmp_path: Path)
     region = (200, 200, 600, 300)
     with _decoder(path, 0) as decoder:
         got = decoder.read(*region)
+        tiled = decoder.read_tiled(*region)
     assert (got[56:, 56:312] == 0).all()
+    np.testing.assert_array_equal(np.asarray(tiled), got)
     for name, want in zip(("tiffslide", "openslide"), _reference(path, 0, region), strict=True):
         np.testing.assert_array_equal(got, want, err_msg=name)
 

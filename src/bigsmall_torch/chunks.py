@@ -18,6 +18,7 @@ import numpy as np
 from ._engine.messages import MessageBoard
 from .data import Patient
 from .errors import ExtractorError
+from .io._tiles import TiledRegion
 from .io.slide import SlideCache, SlideReader
 
 __all__ = [
@@ -148,7 +149,7 @@ class WindowRun:
     raster of ``data``'s height x width, cut into each sample's ``"mask"``.
     """
 
-    data: np.ndarray  # H x W x C
+    data: np.ndarray | TiledRegion  # H x W x C, or kept as its tiles (copy_to/crop cut samples)
     tops: np.ndarray  # [n] each sample's first row in data
     lefts: np.ndarray  # [n] and first column
     size: tuple[int, int]  # (width, height) of every sample
@@ -172,9 +173,11 @@ class WindowRun:
             import torch
 
             info["mask"] = torch.from_numpy(self.labels[top : top + height, left : left + width].copy())
-        return SmallChunk(
-            self.data[top : top + height, left : left + width], info, self.bigchunk_info, self.patient
-        )
+        if isinstance(self.data, TiledRegion):
+            pixels = self.data.crop(top, left, height, width)
+        else:
+            pixels = self.data[top : top + height, left : left + width]
+        return SmallChunk(pixels, info, self.bigchunk_info, self.patient)
 
     def column(self, key: str, lo: int, hi: int) -> list[Any]:
         """Samples ``lo..hi``'s values of ``info[key]``, as :meth:`small` gives them."""

@@ -263,8 +263,8 @@ class _Writer:
         values = np.concatenate([v for _, v in self.parts.pop(pid)])
         order = np.lexsort((cells[:, 1], cells[:, 0]))  # row by row
         cells, values = cells[order], values[order]
-        coords = np.array([grid.level0(int(r), int(c)) for r, c in cells], dtype=np.int64).reshape(-1, 2)
-        cells = cells.reshape(-1, 2)
+        cells = cells.reshape(-1, 2).astype(np.int64, copy=False)
+        coords = np.stack([grid.xs0[cells[:, 1]], grid.ys0[cells[:, 0]]], axis=1)  # as grid.level0
         path = feature_path(self.out_dir, pid)
         partial = path.with_name(path.name + _PARTIAL)
         with h5py.File(partial, "w") as f:

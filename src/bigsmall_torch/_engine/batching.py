@@ -28,6 +28,7 @@ from torch.utils.data._utils.collate import collate, default_collate_fn_map
 
 from ..chunks import SmallChunk, WindowRun, image_array
 from ..errors import ExtractorError
+from ..io._tiles import TiledRegion
 from .batch_ring import InlineDict, RingBatch, _Lease, acquire_images
 from .sharding import split_evenly
 
@@ -193,13 +194,17 @@ class BatchBuilder:
         if set(self._planes) != ({"mask"} if run.labels is not None else set()):
             raise ExtractorError(f"batched mode needs {sorted(self._planes)} in every sample of a batch")
         i0, (width, height) = self._count, run.size
-        source = run.data if self.channels_last else run.data.transpose(2, 0, 1)
         out, places = self._array, list(zip(run.tops[lo:hi].tolist(), run.lefts[lo:hi].tolist(), strict=True))
-        for i, (top, left) in enumerate(places, start=i0):
-            if self.channels_last:
-                out[i] = source[top : top + height, left : left + width]
-            else:
-                out[i] = source[:, top : top + height, left : left + width]
+        if isinstance(run.data, TiledRegion):  # each window straight from the tiles it touches
+            for i, (top, left) in enumerate(places, start=i0):
+                run.data.copy_to(out[i] if self.channels_last else out[i].transpose(1, 2, 0), top, left)
+        else:
+            source = run.data if self.channels_last else run.data.transpose(2, 0, 1)
+            for i, (top, left) in enumerate(places, start=i0):
+                if self.channels_last:
+                    out[i] = source[top : top + height, left : left + width]
+                else:
+                    out[i] = source[:, top : top + height, left : left + width]
         n = hi - lo
         self._column("patient_id").extend([run.patient.id] * n)
         if run.patient.label is not None and "label" not in run.info:

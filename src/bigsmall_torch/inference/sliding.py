@@ -34,12 +34,14 @@ from ..annotations import patient_regions
 from ..chunks import SmallChunk, WindowRun, channel_planar
 from ..data import Dataset, Patient
 from ..errors import ConfigError, SlideError, SlideOpenError
+from ..io._tiles import TiledRegion
 from ..io.resolution import (
     DEFAULT_TOLERANCE,
     LevelChoice,
     Resolution,
     extent,
     read_at,
+    read_tiled_at,
     to_level0,
 )
 from ..io.slide import Backend, SlideCache
@@ -447,14 +449,23 @@ class SlidingWindowDataset(StreamingDataset):
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def _read_block(self, block: _Block, cells: np.ndarray) -> tuple[np.ndarray, int, int]:
-        """The pixels covering ``cells`` of ``block`` (white outside the slide), and their top-left."""
+    def _read_block(self, block: _Block, cells: np.ndarray) -> tuple[np.ndarray | TiledRegion, int, int]:
+        """The pixels covering ``cells`` of ``block`` (white outside the slide), and their top-left.
+
+        In batched mode, a block inside the slide on a level the tile fast path reads comes as a
+        :class:`~bigsmall_torch.io._tiles.TiledRegion`: the batch builder copies each window from
+        the tiles as decoded, instead of the tiles being copied into a block first (one copy of
+        every pixel less)."""
         grid = self.grids[block.slide]
         (pw, ph), (width, height) = grid.patch_size, grid.extent
         x0, y0 = int(grid.xs[cells[:, 1].min()]), int(grid.ys[cells[:, 0].min()])
         x1, y1 = int(grid.xs[cells[:, 1].max()]) + pw, int(grid.ys[cells[:, 0].max()]) + ph
         reader = self.slides.get(grid.path)
         inside_w, inside_h = min(x1, width) - x0, min(y1, height) - y0
+        if self.batch_size is not None and (inside_w, inside_h) == (x1 - x0, y1 - y0):
+            tiled = read_tiled_at(reader, grid.choice, x0, y0, inside_w, inside_h)
+            if tiled is not None:
+                return tiled, x0, y0
         planar = not self._channels_last  # channels-last batches copy HWC windows as they are
         data = read_at(reader, grid.choice, x0, y0, inside_w, inside_h, planar=planar)
         if (inside_w, inside_h) != (x1 - x0, y1 - y0):
@@ -494,14 +505,14 @@ class SlidingWindowDataset(StreamingDataset):
 
     def _salvage(
         self, block: _Block, cells: np.ndarray, base: int, exc: SlideError
-    ) -> list[tuple[int, np.ndarray, tuple[np.ndarray, int, int]]]:
+    ) -> list[tuple[int, np.ndarray, tuple[np.ndarray | TiledRegion, int, int]]]:
         """Re-read ``cells`` (whose read raised ``exc``) in halves, recursively down to single windows,
         so that only the windows whose pixels touch the unreadable region are lost.
 
         Returns the pieces read, in order, as ``(offset in cells, their cells, _read_block's result)``;
         the lost windows are logged and added to :attr:`SlidingWindowDataset.last_skipped`.
         """
-        pieces: list[tuple[int, np.ndarray, tuple[np.ndarray, int, int]]] = []
+        pieces: list[tuple[int, np.ndarray, tuple[np.ndarray | TiledRegion, int, int]]] = []
         lost: list[int] = []  # offsets into cells
         errors = [exc]
 
@@ -547,7 +558,7 @@ class SlidingWindowDataset(StreamingDataset):
         )
 
     def _run(
-        self, block: _Block, cells: np.ndarray, data: np.ndarray, x0: int, y0: int
+        self, block: _Block, cells: np.ndarray, data: np.ndarray | TiledRegion, x0: int, y0: int
     ) -> WindowRun:
         """The windows ``cells`` of ``data`` (the pixels of ``block`` from ``(x0, y0)``)."""
         grid = self.grids[block.slide]

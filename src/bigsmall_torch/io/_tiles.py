@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
     from .remote import RangeSource
 
-__all__ = ["TileDecoder", "check_jpeg"]
+__all__ = ["TileDecoder", "TiledRegion", "check_jpeg"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,74 @@ _MAX_GAP = 64 * 1024  # tiles this close in the file are read in one pread (the 
 _MAX_RUN = 16 * 1024 * 1024  # largest single pread
 # One task: (file offset, byte count, tiles as (col, row, start in buffer, byte count)).
 _Task = tuple[int, int, list[tuple[int, int, int, int]]]
+
+
+class TiledRegion:
+    """A region of a level kept as the whole tiles that cover it, each contiguous
+    (``tiles[r, c]`` is the ``tile_height x tile_width x 3`` tile ``r`` rows, ``c`` columns from the
+    region's first): what :meth:`TileDecoder.read_tiled` decodes into, with no copy into a region
+    array. The region is ``height x width`` pixels from ``(left, top)`` of the first tile; pixels of
+    the tiles outside it (and past the level's edge) are not part of it.
+
+    :meth:`copy_to` copies any rectangle of the region into an array of any strides, and
+    ``numpy.asarray`` gives the region as an ``H x W x 3`` array.
+    """
+
+    ndim = 3
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, tiles: np.ndarray, left: int, top: int, width: int, height: int) -> None:
+        rows, cols, th, tw = tiles.shape[:4]
+        if not (0 <= left < tw and 0 <= top < th and 0 < width <= cols * tw - left
+                and 0 < height <= rows * th - top):  # fmt: skip
+            raise ValueError(
+                f"a {width}x{height} region from ({left}, {top}) does not fit {rows}x{cols} tiles "
+                f"of {tw}x{th}"
+            )
+        self.tiles, self.left, self.top = tiles, left, top
+        self.width, self.height = width, height
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, 3)
+
+    def copy_to(self, out: np.ndarray, top: int, left: int) -> None:
+        """Copy the region's ``out.shape[0] x out.shape[1]`` pixels from row ``top``, column
+        ``left`` into ``out`` (``H x W x 3``, any strides): one copy per tile the rectangle touches."""
+        height, width = out.shape[:2]
+        if top < 0 or left < 0 or top + height > self.height or left + width > self.width:
+            raise ValueError(
+                f"rows {top}..{top + height}, columns {left}..{left + width} are outside the "
+                f"{self.width}x{self.height} region"
+            )
+        th, tw = self.tiles.shape[2:4]
+        y, x = top + self.top, left + self.left  # in the pixels of the tiles
+        y_end, x_end = y + height, x + width
+        for r in range(y // th, (y_end - 1) // th + 1):
+            ty0, ty1 = max(y, r * th), min(y_end, (r + 1) * th)
+            for c in range(x // tw, (x_end - 1) // tw + 1):
+                tx0, tx1 = max(x, c * tw), min(x_end, (c + 1) * tw)
+                out[ty0 - y : ty1 - y, tx0 - x : tx1 - x] = self.tiles[
+                    r, c, ty0 - r * th : ty1 - r * th, tx0 - c * tw : tx1 - c * tw
+                ]
+
+    def crop(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """A new ``height x width x 3`` array of the region's pixels from row ``top``, column ``left``."""
+        out = np.empty((height, width, 3), np.uint8)
+        self.copy_to(out, top, left)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        region = self.crop(0, 0, self.height, self.width)
+        return region if dtype is None else region.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        rows, cols, th, tw = self.tiles.shape[:4]
+        return f"TiledRegion({self.width}x{self.height} from ({self.left}, {self.top}) of {rows}x{cols} tiles of {tw}x{th})"
+
+
+# Where a region's tiles go: a region array, or the slots of a TiledRegion.
+_Sink = np.ndarray | TiledRegion
 
 
 class TileDecoder:
@@ -208,6 +276,29 @@ class TileDecoder:
         """``height x width x 3`` uint8 region whose top-left is ``(x, y)`` in this level's pixels;
         the region must lie inside the level. ``planar=True`` writes the tiles straight into
         channel-planar memory (see :func:`bigsmall_torch.chunks.channel_planar`)."""
+        self._check_region(x, y, width, height)
+        if planar:
+            out = np.empty((3, height, width), dtype=np.uint8).transpose(1, 2, 0)
+        else:
+            out = np.empty((height, width, 3), dtype=np.uint8)
+        self._execute(x, y, width, height, out)
+        return out
+
+    def read_tiled(self, x: int, y: int, width: int, height: int) -> TiledRegion:
+        """The same region as :meth:`read`, kept as the tiles it covers (a :class:`TiledRegion`):
+        each tile decoded straight into its own contiguous slot, with no copy into a region array.
+        For callers that cut the region into windows anyway (batched sliding windows)."""
+        self._check_region(x, y, width, height)
+        tw, th = self.tile_width, self.tile_height
+        c0, r0 = x // tw, y // th
+        tiles = np.empty(
+            ((y + height - 1) // th + 1 - r0, (x + width - 1) // tw + 1 - c0, th, tw, 3), np.uint8
+        )
+        region = TiledRegion(tiles, x - c0 * tw, y - r0 * th, width, height)
+        self._execute(x, y, width, height, region)
+        return region
+
+    def _check_region(self, x: int, y: int, width: int, height: int) -> None:
         if (
             width < 1
             or height < 1
@@ -221,11 +312,11 @@ class TileDecoder:
                 f"region x={x}, y={y}, {width}x{height} is outside level {self.level}'s "
                 f"{self.width}x{self.height} pixels (or empty)",
             )
+
+    def _execute(self, x: int, y: int, width: int, height: int, out: _Sink) -> None:
+        """Read and decode the tiles of the region into ``out`` (a region array or a
+        :class:`TiledRegion`), in this thread and the pool's."""
         fd, pool = self._resources()
-        if planar:
-            out = np.empty((3, height, width), dtype=np.uint8).transpose(1, 2, 0)
-        else:
-            out = np.empty((height, width, 3), dtype=np.uint8)
         tasks = self._plan(x, y, width, height, out)
         fetched: list[bytes] | None = None
         if self._source is not None and tasks:
@@ -233,7 +324,7 @@ class TileDecoder:
         if pool is None or len(tasks) < 2:
             for i, task in enumerate(tasks):
                 self._run(fd, task, x, y, out, None if fetched is None else fetched[i])
-            return out
+            return
         # The caller and threads - 1 pool workers take tasks from one counter until none is left:
         # balanced to the last task, and no future per task.
         counter = itertools.count()
@@ -252,7 +343,6 @@ class TileDecoder:
             helper.result()
         if errors:
             raise errors[0]
-        return out
 
     def close(self) -> None:
         """Shut the thread pool down and close the file; reading afterwards raises."""
@@ -314,7 +404,7 @@ class TileDecoder:
                 )
             return self._fd, self._pool
 
-    def _plan(self, x: int, y: int, width: int, height: int, out: np.ndarray) -> list[_Task]:
+    def _plan(self, x: int, y: int, width: int, height: int, out: _Sink) -> list[_Task]:
         """Group the tiles covering the region into reads; fill absent tiles with ``nodata``."""
         tw, th = self.tile_width, self.tile_height
         cols = range(x // tw, (x + width - 1) // tw + 1)
@@ -326,10 +416,13 @@ class TileDecoder:
                 index = row * self.tiles_across + col
                 offset, count = int(self._offsets[index]), int(self._bytecounts[index])
                 if count == 0:
-                    oy, ox = max(row * th - y, 0), max(col * tw - x, 0)
-                    out[
-                        oy : min((row + 1) * th - y, height), ox : min((col + 1) * tw - x, width)
-                    ] = self.nodata
+                    if isinstance(out, TiledRegion):
+                        out.tiles[row - rows.start, col - cols.start] = self.nodata
+                    else:
+                        oy, ox = max(row * th - y, 0), max(col * tw - x, 0)
+                        out[
+                            oy : min((row + 1) * th - y, height), ox : min((col + 1) * tw - x, width)
+                        ] = self.nodata
                     run = None
                     continue
                 if run is not None and 0 <= offset - (run[0] + run[1]) <= _MAX_GAP:
@@ -354,8 +447,10 @@ class TileDecoder:
                 )
         return tasks
 
-    def _decode(self, data: memoryview) -> np.ndarray:
-        """One tile's pixels (``H x W x 3``), libjpeg's warnings raised as errors when ``strict``.
+    def _decode(self, data: memoryview, slot: np.ndarray | None = None) -> np.ndarray:
+        """One tile's pixels (``H x W x 3``), libjpeg's warnings raised as errors when ``strict``;
+        written straight into ``slot`` (a contiguous ``tile_height x tile_width x 3`` array) when
+        the decoder can and the tile has exactly that size (the returned array is then ``slot``).
 
         YCbCr tiles (the usual case) are decoded once, by libjpeg-turbo's TurboJPEG API with
         stop-on-warning (simplejpeg): the same pixels as imagecodecs, the check for free. RGB tiles
@@ -370,6 +465,11 @@ class TileDecoder:
             import simplejpeg
 
             stream = _whole(data, self._prefix)
+            if slot is not None:
+                height, width = simplejpeg.decode_jpeg_header(stream)[:2]
+                if (height, width) == slot.shape[:2]:
+                    simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True, buffer=slot)
+                    return slot
             return simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True)
         tile = imagecodecs.jpeg8_decode(
             cast(bytes, data),  # any buffer works
@@ -382,13 +482,14 @@ class TileDecoder:
         return tile
 
     def _run(
-        self, fd: int, task: _Task, x: int, y: int, out: np.ndarray, data: bytes | None = None
+        self, fd: int, task: _Task, x: int, y: int, out: _Sink, data: bytes | None = None
     ) -> None:
         """Read one task's bytes (unless given), decode its tiles and copy their parts of the
-        region into ``out``."""
+        region into ``out`` (a :class:`TiledRegion`: each whole tile into its slot)."""
         offset, count, tiles = task
         tw, th = self.tile_width, self.tile_height
         height, width = out.shape[:2]
+        tiled = out if isinstance(out, TiledRegion) else None
         try:
             if data is None:
                 data = os.pread(fd, count, offset)
@@ -408,7 +509,12 @@ class TileDecoder:
                     raise ValueError(
                         f"the file ends {start + size - len(data)} bytes into the tile"
                     )
-                tile = self._decode(view[start : start + size])
+                slot = None
+                if tiled is not None:
+                    slot = tiled.tiles[row - (y - tiled.top) // th, col - (x - tiled.left) // tw]
+                tile = self._decode(view[start : start + size], slot)
+                if tile is slot:
+                    continue
                 if (
                     tile.ndim != 3
                     or tile.shape[2] != 3
@@ -426,6 +532,10 @@ class TileDecoder:
                     f"cannot decode {self._codec} tile (col, row) = ({col}, {row}) of level "
                     f"{self.level} at file offset {offset + start}: {exc}",
                 ) from exc
+            if slot is not None:  # a tile of another size, or decoded elsewhere: its pixels
+                slot[:need_h, :need_w] = tile[:need_h, :need_w]
+                continue
+            assert isinstance(out, np.ndarray)
             oy0, ox0 = max(top - y, 0), max(left - x, 0)
             oy1, ox1 = min(top + th - y, height), min(left + tw - x, width)
             ty0, tx0 = oy0 + y - top, ox0 + x - left

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from ..errors import ConfigError, SlideError
 from .slide import SlideInfo, SlideReader
 
-__all__ = ["DEFAULT_TOLERANCE", "LevelChoice", "Resolution", "extent", "read_at", "resample"]
+if TYPE_CHECKING:
+    from ._tiles import TiledRegion
+
+__all__ = [
+    "DEFAULT_TOLERANCE", "LevelChoice", "Resolution", "extent", "read_at", "read_tiled_at", "resample",
+]  # fmt: skip
 
 DEFAULT_TOLERANCE = 0.05
 
@@ -167,6 +173,19 @@ def read_at(
     rw = min(math.ceil(width * choice.scale), lw - lx)
     rh = min(math.ceil(height * choice.scale), lh - ly)
     return resample(reader.read(x0, y0, choice.level, rw, rh), width, height)
+
+
+def read_tiled_at(
+    reader: SlideReader, choice: LevelChoice, x: int, y: int, width: int, height: int
+) -> TiledRegion | None:
+    """The region of :func:`read_at` kept as the tiles that cover it (see
+    :class:`~bigsmall_torch.io._tiles.TiledRegion`), or None where that is not how the reader reads it
+    (a resampled level, a level without the tile fast path, a reader of another kind)."""
+    read_tiled = getattr(reader, "read_tiled", None)
+    if choice.resampled or read_tiled is None:
+        return None
+    x0, y0 = to_level0(x, choice.downsample), to_level0(y, choice.downsample)
+    return cast("TiledRegion | None", read_tiled(x0, y0, choice.level, width, height))
 
 
 def resample(image: np.ndarray, width: int, height: int) -> np.ndarray:

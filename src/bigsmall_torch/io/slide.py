@@ -25,7 +25,7 @@ import numpy as np
 
 from .._paths import RemotePath, as_path
 from ..errors import ConfigError, RemoteError, SlideOpenError, SlideReadError
-from ._tiles import TileDecoder, check_page_tiles
+from ._tiles import TileDecoder, TiledRegion, check_page_tiles
 
 if TYPE_CHECKING:
     from ._image import ImageReader
@@ -317,6 +317,16 @@ class _TiffSlideReader(_ReaderBase):
                 strict=self._strict, source=self._source,
             )
         return self._decoders[level]
+
+    def read_tiled(self, x: int, y: int, level: int, width: int, height: int) -> TiledRegion | None:
+        """The region of :meth:`read` kept as its tiles (:meth:`TileDecoder.read_tiled`), or None
+        when the level has no tile fast path (then :meth:`read` it)."""
+        self._check_region(x, y, level, width, height)
+        decoder = self._decoder(level)
+        if decoder is None:
+            return None
+        ds = self.info.level_downsamples[level]
+        return decoder.read_tiled(int(x / ds), int(y / ds), width, height)
 
     def read(
         self, x: int, y: int, level: int, width: int, height: int, *, planar: bool = False
