@@ -199,19 +199,29 @@ def test_rapid_messages_and_weights_reach_persistent_workers(
     final_msg = {pid: max(i for i in range(1000) if i % len(ids) == k) for k, pid in enumerate(ids)}
     final_weight = {pid: 1.0 + final_msg[pid] % 7 for pid in ids}
     assert ds.board.weights() == final_weight
-    # Batches already prefetched carry older values; after them every sample shows the final ones,
-    # in every worker, and never an older one again.
+    # Batches already prefetched carry older values. A worker sees the board as a whole at some
+    # moment of the sending loop, and never an earlier moment after a later one: once a sample showed
+    # message m (sent at step m), every later sample of that worker shows, for its own patient, at
+    # least the last message sent to that patient up to step m. (A single patient's "final" flag is
+    # not monotonic: a board read at step 996 holds the final message of one patient only.)
+    residue = {pid: k for k, pid in enumerate(ids)}  # patient ids[k] is sent at the steps k mod 4
+    horizon: dict[int, int] = {}
     current: dict[int, bool] = {}
     for n in range(60):
         batch = next(it)
         for worker, pid, msg, weight in zip(
             batch["worker"], batch["patient_id"], batch["msg"], batch["weight"], strict=True
         ):
-            final = int(msg) == final_msg[pid] and float(weight) == final_weight[pid]
-            assert final or not current.get(int(worker)), (
-                f"worker {int(worker)} went back to an old value"
+            w, m = int(worker), int(msg)
+            seen = horizon.get(w, -1)
+            k = residue[pid]
+            floor = seen - (seen - k) % len(ids) if seen >= k else -1
+            assert m >= floor, (
+                f"worker {w} went back to an older board: message {m} for {pid!r} after a sample "
+                f"showing step {seen}, when {pid!r} had been sent {floor}"
             )
-            current[int(worker)] = final
+            horizon[w] = max(seen, m)
+            current[w] = m == final_msg[pid] and float(weight) == final_weight[pid]
         if len(current) == 2 and all(current.values()) and n > 20:
             break
     assert current == {0: True, 1: True}

@@ -134,6 +134,34 @@ def test_grid_geometry_and_pixels(slide_folder: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("level", [0, 1])
+def test_batched_windows_equal_the_reader(
+    slide_folder: Path, level: int, memory_format: torch.memory_format
+) -> None:
+    """Batched windows are cut straight from the decoded tiles (TiledRegion): every one, overlapping
+    (stride < patch size) and across tile and block edges, equals the reader at its coordinates."""
+    ds = bst.SlidingWindowDataset(
+        dataset(slide_folder, 1), 200, stride=150, level=level, block_size=700, batch_size=16,
+        edge="pad", memory_format=memory_format,
+    )  # fmt: skip
+    assert any(isinstance(ds._read_block(b, b.cells)[0], TiledRegion) for b in ds._blocks)
+    reader = bst.open_slide(slide_folder / "synthetic_000.tiff")
+    width, height = reader.info.level_dimensions[level]
+    scale = 2**level
+    n = padded = 0
+    for batch in DataLoader(ds, batch_size=None):
+        for image, x, y in zip(batch["image"], batch["x"], batch["y"], strict=True):
+            got = image.permute(1, 2, 0).numpy()
+            lx, ly = int(x) // scale, int(y) // scale
+            w, h = min(200, width - lx), min(200, height - ly)  # the part inside the slide
+            want = reader.read(int(x), int(y), level, w, h)
+            assert np.array_equal(got[:h, :w], want), (int(x), int(y))
+            assert (got[h:] == 255).all() and (got[:, w:] == 255).all()  # edge="pad": white
+            n, padded = n + 1, padded + (w < 200 or h < 200)
+    assert n == ds.total_windows and 0 < padded < n
+
+
 def test_blocks_are_read_once(slide_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ds = bst.SlidingWindowDataset(dataset(slide_folder, 1), 64, level=0, block_size=1024)
     reads: list[tuple[int, int, int, int]] = []

@@ -222,14 +222,69 @@ def test_absent_tiles_are_filled_like_tiffslide(odd_slide: Path, tmp_path: Path)
         offsets[13] = counts[13] = 0  # tile (1, 1): 12 tiles across
         page.tags["TileOffsets"].overwrite(offsets)
         page.tags["TileByteCounts"].overwrite(counts)
-    region = (200, 200, 600, 300)
-    with _decoder(path, 0) as decoder:
-        got = decoder.read(*region)
-        tiled = decoder.read_tiled(*region)
-    assert (got[56:, 56:312] == 0).all()
-    np.testing.assert_array_equal(np.asarray(tiled), got)
-    for name, want in zip(("tiffslide", "openslide"), _reference(path, 0, region), strict=True):
-        np.testing.assert_array_equal(got, want, err_msg=name)
+    # The first region starts in tile (0, 0); the second in tile (1, 1) itself, so that the absent
+    # tile is the region's first: a slot index taken relative to the wrong origin shows.
+    for region, hole in [((200, 200, 600, 300), np.s_[56:, 56:312]), ((300, 300, 400, 300), np.s_[:212, :212])]:
+        with _decoder(path, 0) as decoder:
+            got = decoder.read(*region)
+            tiled = decoder.read_tiled(*region)
+        assert (got[hole] == 0).all()
+        assert got.any(axis=2).sum() > got.shape[0] * got.shape[1] // 3  # the other tiles are there
+        np.testing.assert_array_equal(np.asarray(tiled), got, err_msg=f"region={region}")
+        for name, want in zip(("tiffslide", "openslide"), _reference(path, 0, region), strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} region={region}")
+
+
+def test_tiles_of_other_sizes_than_the_tag_says(tmp_path: Path) -> None:
+    """Tiles whose JPEG is not tile-sized (cropped edge tiles as some writers store them, a tile
+    larger than the tag says) and an absent tile: ``read`` shows the level's pixels, and
+    ``read_tiled``, which decodes tile-sized JPEGs straight into their slots, holds the same."""
+    simplejpeg = pytest.importorskip("simplejpeg")
+    width, height, tile = 700, 600, 256  # row 1: tile-sized JPEGs; row 2 and column 2 cropped
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 255, ((height + 300) // 8, (width + 300) // 8, 3), dtype=np.uint8)
+    image = np.ascontiguousarray(np.kron(blocks, np.ones((8, 8, 1), np.uint8)))  # JPEG-friendly
+    offsets, counts, data = [], [], bytearray()
+    for row in range(-(-height // tile)):
+        for col in range(-(-width // tile)):
+            if (row, col) == (0, 1):  # absent
+                offsets.append(0), counts.append(0)
+                continue
+            h, w = min(tile, height - row * tile), min(tile, width - col * tile)
+            if (row, col) == (0, 0):
+                h = w = tile + 16
+            y, x = row * tile, col * tile
+            encoded = simplejpeg.encode_jpeg(np.ascontiguousarray(image[y : y + h, x : x + w]), quality=95)
+            offsets.append(len(data)), counts.append(len(encoded))
+            data += encoded
+    path = tmp_path / "tiles.bin"
+    path.write_bytes(bytes(data))
+    regions = [(0, 0, width, height), (100, 37, 600, 463), (width - 1, height - 1, 1, 1),
+               (255, 255, 2, 2), (300, 0, 400, 600), (0, 300, 700, 200)]  # fmt: skip
+    for threads in (1, 4):
+        decoder = TileDecoder(
+            path, level=0, size=(width, height), tile=(tile, tile), offsets=np.array(offsets),
+            bytecounts=np.array(counts), jpegtables=None, colorspace=None, threads=threads, nodata=7,
+        )  # fmt: skip
+        with decoder:
+            whole = decoder.read(0, 0, width, height)
+            assert (whole[:tile, tile : 2 * tile] == 7).all()
+            present = np.ones(whole.shape[:2], bool)
+            present[:tile, tile : 2 * tile] = False
+            error = np.abs(whole.astype(int) - image[:height, :width])[present]
+            assert error.mean() < 4, "decoded tiles are not the image's pixels where they belong"
+            for i, region in enumerate(regions):
+                _check_tiled(decoder, region, seed=i)
+
+
+def test_tiled_region_as_array(odd_slide: Path) -> None:
+    with _decoder(odd_slide, 0) as decoder:
+        tiled = decoder.read_tiled(100, 37, 300, 200)
+        want = decoder.read(100, 37, 300, 200)
+    np.testing.assert_array_equal(np.asarray(tiled), want)
+    np.testing.assert_array_equal(np.array(tiled, dtype=np.float32), want.astype(np.float32))
+    with pytest.raises(ValueError, match="copy"):
+        np.asarray(tiled, copy=False)  # its pixels are spread over tiles: no view exists
 
 
 @pytest.mark.parametrize(

@@ -163,7 +163,9 @@ class WindowRun:
     def __len__(self) -> int:
         return len(self.tops)
 
-    def small(self, k: int) -> SmallChunk:
+    def small(self, k: int, *, pixels: bool = True) -> SmallChunk:
+        """Sample ``k`` as a :class:`SmallChunk`; with ``pixels=False`` its image only has the right
+        shape and dtype (a read-only stand-in, no copy), for a caller that copies the pixels itself."""
         (width, height), top, left = self.size, int(self.tops[k]), int(self.lefts[k])
         info = {
             key: value[k].item() if isinstance(value, np.ndarray) else value
@@ -173,11 +175,13 @@ class WindowRun:
             import torch
 
             info["mask"] = torch.from_numpy(self.labels[top : top + height, left : left + width].copy())
-        if isinstance(self.data, TiledRegion):
-            pixels = self.data.crop(top, left, height, width)
+        if not pixels and isinstance(self.data, TiledRegion):
+            image = np.broadcast_to(np.zeros((), self.data.dtype), (height, width, 3))
+        elif isinstance(self.data, TiledRegion):
+            image = self.data.crop(top, left, height, width)
         else:
-            pixels = self.data[top : top + height, left : left + width]
-        return SmallChunk(pixels, info, self.bigchunk_info, self.patient)
+            image = self.data[top : top + height, left : left + width]
+        return SmallChunk(image, info, self.bigchunk_info, self.patient)
 
     def column(self, key: str, lo: int, hi: int) -> list[Any]:
         """Samples ``lo..hi``'s values of ``info[key]``, as :meth:`small` gives them."""

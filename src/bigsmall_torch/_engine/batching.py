@@ -188,8 +188,7 @@ class BatchBuilder:
     def add_run(self, run: WindowRun, lo: int, hi: int) -> None:
         """Samples ``lo..hi`` of ``run``: the same batch as ``add(run.small(k))`` for each, without
         a :class:`SmallChunk` per sample."""
-        first = run.small(lo)
-        self._check(first)
+        self._check(run.small(lo, pixels=False))  # sizes the slot; the pixels are copied below
         assert self._array is not None and run.data.ndim == 3
         if set(self._planes) != ({"mask"} if run.labels is not None else set()):
             raise ExtractorError(f"batched mode needs {sorted(self._planes)} in every sample of a batch")

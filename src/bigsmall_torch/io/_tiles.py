@@ -123,6 +123,10 @@ class TiledRegion:
         return out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if copy is False:
+            raise ValueError(
+                "a TiledRegion's pixels lie in separate tiles: it cannot become an array without a copy"
+            )
         region = self.crop(0, 0, self.height, self.width)
         return region if dtype is None else region.astype(dtype, copy=False)
 
