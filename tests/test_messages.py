@@ -204,7 +204,7 @@ def test_rapid_messages_and_weights_reach_persistent_workers(
     # message m (sent at step m), every later sample of that worker shows, for its own patient, at
     # least the last message sent to that patient up to step m. (A single patient's "final" flag is
     # not monotonic: a board read at step 996 holds the final message of one patient only.)
-    residue = {pid: k for k, pid in enumerate(ids)}  # patient ids[k] is sent at the steps k mod 4
+    residue = {pid: k for k, pid in enumerate(ids)}  # ids[k] is sent at the steps = k mod len(ids)
     horizon: dict[int, int] = {}
     current: dict[int, bool] = {}
     for n in range(60):

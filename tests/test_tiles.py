@@ -248,14 +248,16 @@ def test_tiles_of_other_sizes_than_the_tag_says(tmp_path: Path) -> None:
     for row in range(-(-height // tile)):
         for col in range(-(-width // tile)):
             if (row, col) == (0, 1):  # absent
-                offsets.append(0), counts.append(0)
+                offsets.append(0)
+                counts.append(0)
                 continue
             h, w = min(tile, height - row * tile), min(tile, width - col * tile)
             if (row, col) == (0, 0):
                 h = w = tile + 16
             y, x = row * tile, col * tile
             encoded = simplejpeg.encode_jpeg(np.ascontiguousarray(image[y : y + h, x : x + w]), quality=95)
-            offsets.append(len(data)), counts.append(len(encoded))
+            offsets.append(len(data))
+            counts.append(len(encoded))
             data += encoded
     path = tmp_path / "tiles.bin"
     path.write_bytes(bytes(data))

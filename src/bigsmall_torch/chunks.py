@@ -164,8 +164,9 @@ class WindowRun:
         return len(self.tops)
 
     def small(self, k: int, *, pixels: bool = True) -> SmallChunk:
-        """Sample ``k`` as a :class:`SmallChunk`; with ``pixels=False`` its image only has the right
-        shape and dtype (a read-only stand-in, no copy), for a caller that copies the pixels itself."""
+        """Sample ``k`` as a :class:`SmallChunk`; with ``pixels=False`` its image need only have the
+        right shape and dtype (for a tiled block, a read-only stand-in instead of a copy), for a caller
+        that copies the pixels itself."""
         (width, height), top, left = self.size, int(self.tops[k]), int(self.lefts[k])
         info = {
             key: value[k].item() if isinstance(value, np.ndarray) else value
